@@ -1,0 +1,530 @@
+"""Typed run configuration: dataclass sections, YAML files merged over them, one validate().
+
+A run is described by YAML files merged, in order, over the schema below, then by CLI overrides in
+omegaconf dotlist form (``optim.lr=3e-4``). A YAML may name ``base: other.yaml`` (a path relative to
+itself) to build on another file; ``model.preset`` fills the model's dimensions before the YAML's own
+model keys apply. Every user mistake surfaces as :class:`ConfigError` with a one-line message that
+names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user's configuration is wrong; the message is one line that says what and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The encoder's shape and the Linformer options."""
+
+    preset: Optional[str] = None
+    """tiny | small | base | large: fills the dimensions below unless the YAML sets them."""
+    vocab_size: int = 8192
+    """Rows of the token embedding; must match the tokenizer (checked at training time)."""
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    ffn_size: int = 3072
+    max_seq_len: int = 512
+    """n: the longest input; the learned positions and the projections E, F have n columns."""
+    attention: str = "linformer"
+    """linformer | full (softmax attention over all n keys through SDPA: today's baseline) |
+    naive (softmax(QK^T)V written out, the paper's O(n^2) baseline; for profiling)."""
+    k: Any = 128
+    """Projected length. An int; a list with one value per layer; or a linear rule
+    {first: 256, last: 64, multiple_of: 16} interpolated from the first layer to the last."""
+    projection: str = "linear"
+    """linear (learned E, F of shape k x n) | mean (mean pooling) | conv (kernel = stride = n / k)."""
+    sharing: str = "headwise"
+    """none (E, F per head) | headwise (per layer) | kv (E = F per layer) | layerwise (one matrix)."""
+    short_input_scaling: str = "sqrt"
+    """Linear projections on inputs with L < n real tokens use the first L columns of E and F, so
+    each slot sums fewer tokens. sqrt multiplies the slot by sqrt(n / L) (keeps its variance when
+    weights and tokens are uncorrelated, exact at init) | length multiplies by n / L (keeps a
+    pooling-like, averaging row at its scale) | none (plain slice, as fairseq does)."""
+    norm: str = "post"
+    """post (RoBERTa/BERT) | pre (LayerNorm before each sublayer, steadier at depth)."""
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 0
+    init_std: float = 0.02
+    """Std of the normal init of every dense weight except E/F (which use 1/sqrt(n))."""
+    num_labels: int = 2
+    """Classes of the sequence-classification head (fine-tuning only)."""
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from, how it is tokenized, packed and masked."""
+
+    source: str = "builtin"
+    """builtin (sample corpus made from Python's own docs) | files | hf (a datasets hub name)."""
+    paths: list = field(default_factory=list)
+    """With source=files: files, globs or directories."""
+    format: str = "auto"
+    """auto (by suffix) | text | jsonl | parquet."""
+    text_column: str = "text"
+    """Column holding text in JSONL, Parquet and HF datasets."""
+    text_split: str = "blank_line"
+    """Plain text documents: blank_line (blocks separated by blank lines) | line (one per line)."""
+    hf_name: Optional[str] = None
+    hf_config: Optional[str] = None
+    hf_split: str = "train"
+    streaming: bool = False
+    """Stream an HF dataset instead of downloading it whole."""
+    max_documents: Optional[int] = None
+    """Stop after this many documents (quick experiments on big sources)."""
+    tokenizer: Optional[str] = None
+    """A sentencepiece .model file or a directory holding tokenizer.model; trained on the source if
+    unset or missing."""
+    tokenizer_type: str = "unigram"
+    """unigram | bpe (when training one)."""
+    tokenizer_vocab_size: Optional[int] = None
+    """Vocabulary of a tokenizer trained here; defaults to model.vocab_size."""
+    prepared_dir: Optional[str] = None
+    """Where packed blocks live; defaults to <run_dir>/data."""
+    validation_fraction: float = 0.01
+    """Share of blocks held out for evaluation (at least one block)."""
+    num_proc: int = 2
+    """Processes for tokenization."""
+    mask_prob: float = 0.15
+    mask_replace_prob: float = 0.8
+    """Of the masked tokens: share replaced by <mask>."""
+    mask_random_prob: float = 0.1
+    """Of the masked tokens: share replaced by a random token (the rest stay as they are)."""
+    whole_word_masking: bool = False
+    prefetch_batches: int = 2
+    """Batches prepared ahead by a background thread."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 5e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    decay: str = "linear"
+    """linear | cosine | constant (after warmup)."""
+    min_lr_ratio: float = 0.0
+    """Final LR as a share of lr."""
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch arithmetic and the loop's policies."""
+
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    """Sequences per rank per forward."""
+    grad_accum_steps: int = 1
+    global_batch_size: Optional[int] = None
+    """If set, must equal micro_batch_size x grad_accum_steps x data-parallel ranks."""
+    seed: int = 1234
+    eval_every: int = 200
+    """Steps between evaluations on the validation split; 0 disables."""
+    eval_batches: int = 20
+    activation_checkpointing: bool = False
+    """Recompute each block in backward (non-reentrant torch.utils.checkpoint)."""
+    nonfinite_policy: str = "skip"
+    """What a non-finite loss or grad norm does: skip (drop the step, count it) | stop."""
+    max_consecutive_skips: int = 10
+    """Stop with a clear message after this many skipped steps in a row."""
+    run_dir: str = "runs/default"
+    """Everything a run writes: resolved config, checkpoints, TensorBoard events, prepared data."""
+    peak_tflops: Optional[float] = None
+    """Device peak for MFU; measured with a matmul at start when unset."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric format and DeepSpeed memory options: the single source of truth for both."""
+
+    dtype: str = "bf16"
+    """fp32 | bf16 | fp16 (GPU; dynamic loss scaling)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0 | 1 | 2 | 3."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on CPU (ZeRO >= 1)."""
+    offload_params: bool = False
+    """Keep parameters on CPU (ZeRO 3)."""
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+    deepspeed: dict = field(default_factory=dict)
+    """Passthrough for rare DeepSpeed keys; a key that a derived one already sets is an error."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console and TensorBoard."""
+
+    log_every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    """A live progress line on the console (rank 0)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    save_every: int = 500
+    """Steps between checkpoints; 0 saves only at the end and on SIGTERM/SIGINT."""
+    keep_last: int = 3
+    resume: str = "none"
+    """none | auto (latest complete checkpoint in run_dir, if any) | a checkpoint directory."""
+    universal: bool = False
+    """Load a universal checkpoint (after ds_to_universal), to resume on another number of ranks."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, ffn_size=128),
+    "small": dict(hidden_size=512, num_layers=4, num_heads=8, ffn_size=2048),
+    "base": dict(hidden_size=768, num_layers=12, num_heads=12, ffn_size=3072),
+    "large": dict(hidden_size=1024, num_layers=24, num_heads=16, ffn_size=4096),
+}
+
+CHOICES: dict[str, tuple] = {
+    "model.attention": ("linformer", "full", "naive"),
+    "model.projection": ("linear", "mean", "conv"),
+    "model.sharing": ("none", "headwise", "kv", "layerwise"),
+    "model.short_input_scaling": ("sqrt", "length", "none"),
+    "model.norm": ("post", "pre"),
+    "data.source": ("builtin", "files", "hf"),
+    "data.format": ("auto", "text", "jsonl", "parquet"),
+    "data.text_split": ("blank_line", "line"),
+    "data.tokenizer_type": ("unigram", "bpe"),
+    "optim.decay": ("linear", "cosine", "constant"),
+    "train.nonfinite_policy": ("skip", "stop"),
+    "precision.dtype": ("fp32", "bf16", "fp16"),
+    "precision.zero_stage": (0, 1, 2, 3),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    """omegaconf's messages span lines (full_key, object_type); keep the first and the key."""
+    msg = str(getattr(exc, "msg", None) or exc).strip().splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    obj = getattr(exc, "object_type", None)
+    if "not in" in msg and dataclasses.is_dataclass(obj):  # an unknown key: say what is allowed
+        msg = f"unknown key; {obj.__name__} takes {', '.join(f.name for f in dataclasses.fields(obj))}"
+    return f"{key}: {msg}" if key else msg
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML file with its `base:` chain resolved (the base first, this file over it)."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config: `base:` loop {chain}; remove one of the references")
+    if not path.is_file():
+        raise ConfigError(f"config: file {path} does not exist; pass an existing YAML to --config")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends: keep the first line, name the file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config: {path} is not valid YAML ({first}); fix the syntax") from None
+    if node is None:
+        node = OmegaConf.create({})
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config: {path} must hold a mapping of sections, not a {type(node).__name__}")
+    base = node.pop("base", None)
+    if base is None:
+        return node
+    bases = [base] if isinstance(base, str) else list(base)
+    merged = OmegaConf.create({})
+    for b in bases:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(b), (*seen, path)))
+    return OmegaConf.merge(merged, node)
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. optim.lr=3e-4)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"override: {_one_line(exc)}") from None
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
+    """Merge schema <- preset <- YAML files (in order) <- dotlist overrides, then validate.
+
+    Returns a plain :class:`Config` of dataclasses (no omegaconf nodes leak into the code).
+    """
+    user = OmegaConf.create({})
+    for f in files:
+        user = OmegaConf.merge(user, _read_yaml(Path(f)))
+    user = OmegaConf.merge(user, _parse_overrides(overrides))
+    return config_from_dict(OmegaConf.to_container(user, resolve=False))
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build and validate a Config from a plain nested dict (a resolved YAML, a checkpoint's copy)."""
+    schema = OmegaConf.structured(Config)
+    try:
+        user = OmegaConf.create(raw or {})
+        preset = OmegaConf.select(user, "model.preset", default=None)
+        layers = [schema]
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(
+                    f"model.preset={preset!r} is unknown; choose one of {', '.join(PRESETS)}"
+                )
+            layers.append(OmegaConf.create({"model": PRESETS[preset]}))
+        merged = OmegaConf.merge(*layers, user)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config: {_one_line(exc)}") from None
+    cfg = _normalise(obj)
+    validate(cfg)
+    return cfg
+
+
+def _normalise(cfg: Config) -> Config:
+    """Turn omegaconf containers left inside Any/list/dict fields into plain Python."""
+    for section in dataclasses.fields(cfg):
+        sec = getattr(cfg, section.name)
+        for f in dataclasses.fields(sec):
+            v = getattr(sec, f.name)
+            if isinstance(v, (DictConfig, ListConfig)):
+                setattr(sec, f.name, OmegaConf.to_container(v, resolve=True))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """A plain nested dict of the config (for YAML dumps, checkpoints, TensorBoard hparams)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The k schedule
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_k_schedule(k: Any, num_layers: int) -> list[int]:
+    """Expand model.k into one projected length per layer (see ModelConfig.k for the forms)."""
+    if isinstance(k, bool):
+        raise ConfigError(f"model.k={k!r} must be an int, a list of ints or {{first, last}}")
+    if isinstance(k, int):
+        return [k] * num_layers
+    if isinstance(k, (list, tuple)):
+        if len(k) != num_layers:
+            raise ConfigError(
+                f"model.k has {len(k)} values but model.num_layers={num_layers}; "
+                f"give one k per layer"
+            )
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in k):
+            raise ConfigError(f"model.k={list(k)} must hold only ints")
+        return [int(v) for v in k]
+    if isinstance(k, dict):
+        allowed = {"first", "last", "multiple_of"}
+        unknown = set(k) - allowed
+        if unknown or not {"first", "last"} <= set(k):
+            raise ConfigError(
+                f"model.k={k} as a rule takes keys first, last and optional multiple_of "
+                f"(e.g. {{first: 256, last: 64, multiple_of: 16}})"
+            )
+        first, last, mult = k["first"], k["last"], k.get("multiple_of", 1)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (first, last, mult)):
+            raise ConfigError(f"model.k={k}: first, last and multiple_of must be positive ints")
+        if num_layers == 1:
+            vals = [first]
+        else:
+            vals = [first + (last - first) * i / (num_layers - 1) for i in range(num_layers)]
+        return [max(mult, int(round(v / mult)) * mult) for v in vals]
+    raise ConfigError(
+        f"model.k={k!r} must be an int, a list of one int per layer, or {{first: A, last: B}}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: every cross-field rule in one place
+# --------------------------------------------------------------------------------------------------
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError (one line, with the numbers) on the first broken rule."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(
+            value in allowed,
+            f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}",
+        )
+
+    m = cfg.model
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_seq_len"):
+        v = getattr(m, name)
+        _check(v > 0, f"model.{name}={v} must be positive")
+    _check(
+        m.hidden_size % m.num_heads == 0,
+        f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}",
+    )
+    _check(0 <= m.pad_token_id < m.vocab_size,
+           f"model.pad_token_id={m.pad_token_id} must lie in [0, vocab_size={m.vocab_size})")
+    for name in ("dropout", "attention_dropout"):
+        v = getattr(m, name)
+        _check(0.0 <= v < 1.0, f"model.{name}={v} must lie in [0, 1)")
+    _check(m.init_std > 0, f"model.init_std={m.init_std} must be positive")
+    _check(m.num_labels >= 2, f"model.num_labels={m.num_labels} must be at least 2")
+    if m.attention == "linformer":
+        ks = resolve_k_schedule(m.k, m.num_layers)
+        for i, kl in enumerate(ks):
+            _check(kl > 0, f"model.k for layer {i} is {kl}; every k must be positive")
+            _check(
+                kl <= m.max_seq_len,
+                f"model.k for layer {i} is {kl} > model.max_seq_len={m.max_seq_len}; "
+                f"k must not exceed n",
+            )
+            if m.projection in ("mean", "conv"):
+                _check(
+                    m.max_seq_len % kl == 0,
+                    f"model.projection={m.projection} needs n divisible by k, but "
+                    f"max_seq_len={m.max_seq_len} and k={kl} (layer {i})",
+                )
+        if m.projection != "linear":
+            _check(
+                m.sharing in ("headwise", "kv") or m.projection == "mean",
+                f"model.sharing={m.sharing} applies to learned projections; "
+                f"with projection={m.projection} use sharing=headwise or kv",
+            )
+
+    d = cfg.data
+    if d.source == "files":
+        _check(bool(d.paths), "data.paths is empty but data.source=files; list files, globs or directories")
+    if d.source == "hf":
+        _check(bool(d.hf_name), "data.hf_name is unset but data.source=hf; name a dataset (e.g. wikitext)")
+    _check(0.0 < d.validation_fraction < 0.5,
+           f"data.validation_fraction={d.validation_fraction} must lie in (0, 0.5)")
+    _check(0.0 < d.mask_prob < 1.0, f"data.mask_prob={d.mask_prob} must lie in (0, 1)")
+    _check(
+        d.mask_replace_prob >= 0 and d.mask_random_prob >= 0
+        and d.mask_replace_prob + d.mask_random_prob <= 1.0,
+        f"data.mask_replace_prob={d.mask_replace_prob} + data.mask_random_prob={d.mask_random_prob} "
+        f"must be non-negative and sum to at most 1",
+    )
+    _check(d.num_proc >= 1, f"data.num_proc={d.num_proc} must be at least 1")
+    _check(d.prefetch_batches >= 0, f"data.prefetch_batches={d.prefetch_batches} must be >= 0")
+    if d.tokenizer_vocab_size is not None:
+        _check(d.tokenizer_vocab_size <= m.vocab_size,
+               f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} exceeds model.vocab_size={m.vocab_size}")
+
+    o = cfg.optim
+    _check(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+           f"optim.betas={o.betas} must be two values in [0, 1)")
+    _check(o.eps > 0, f"optim.eps={o.eps} must be positive")
+    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
+    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables)")
+
+    t = cfg.train
+    _check(t.max_steps > 0, f"train.max_steps={t.max_steps} must be positive")
+    _check(t.micro_batch_size > 0, f"train.micro_batch_size={t.micro_batch_size} must be positive")
+    _check(t.grad_accum_steps > 0, f"train.grad_accum_steps={t.grad_accum_steps} must be positive")
+    _check(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 disables)")
+    _check(t.eval_batches > 0, f"train.eval_batches={t.eval_batches} must be positive")
+    _check(t.max_consecutive_skips > 0,
+           f"train.max_consecutive_skips={t.max_consecutive_skips} must be positive")
+    _check(bool(t.run_dir), "train.run_dir is empty; name a directory for the run's outputs")
+    if t.peak_tflops is not None:
+        _check(t.peak_tflops > 0, f"train.peak_tflops={t.peak_tflops} must be positive")
+
+    p = cfg.precision
+    _check(not (p.offload_params and p.zero_stage != 3),
+           f"precision.offload_params needs zero_stage=3 (got {p.zero_stage})")
+    _check(not (p.offload_optimizer and p.zero_stage == 0),
+           "precision.offload_optimizer needs zero_stage >= 1")
+    _check(p.min_loss_scale > 0, f"precision.min_loss_scale={p.min_loss_scale} must be positive")
+
+    lg = cfg.logging
+    _check(lg.log_every > 0, f"logging.log_every={lg.log_every} must be positive")
+
+    c = cfg.checkpoint
+    _check(c.save_every >= 0, f"checkpoint.save_every={c.save_every} must be >= 0")
+    _check(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be at least 1")
+    _check(bool(c.resume), "checkpoint.resume is empty; use none, auto or a checkpoint directory")
+
+
+def check_batch_arithmetic(train: TrainConfig, world_size: int) -> int:
+    """The global batch in sequences; raises when train.global_batch_size disagrees with the ranks."""
+    derived = train.micro_batch_size * train.grad_accum_steps * world_size
+    if train.global_batch_size is not None and train.global_batch_size != derived:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} but micro_batch_size="
+            f"{train.micro_batch_size} x grad_accum_steps={train.grad_accum_steps} x "
+            f"{world_size} ranks = {derived}; change one of them"
+        )
+    return derived
+
+
+def k_schedule(model: ModelConfig) -> list[int]:
+    """Per-layer k of a validated model section (k is meaningless for full attention: n is used)."""
+    if model.attention == "full":
+        return [model.max_seq_len] * model.num_layers
+    return resolve_k_schedule(model.k, model.num_layers)
+
