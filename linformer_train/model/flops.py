@@ -1,0 +1,44 @@
+"""Analytic FLOP counts of the encoder: the one formula behind the trainer's MFU and the profiler.
+
+Counts matrix multiplies only (2 FLOPs per multiply-add), the convention of MFU (PaLM, Appendix B):
+elementwise work, softmax and LayerNorm are left out, and activation recomputation is not counted.
+"""
+
+from __future__ import annotations
+
+from linformer_train.config import ModelConfig, k_schedule
+
+
+def encoder_flops(cfg: ModelConfig, seq_len: int) -> int:
+    """Forward FLOPs of the encoder blocks for one sequence of ``seq_len`` tokens."""
+    D, Fd, L, H = cfg.hidden_size, cfg.ffn_size, seq_len, cfg.num_heads
+    Dh = D // H
+    total = 0
+    for k in k_schedule(cfg):
+        dense = 2 * L * D * 3 * D + 2 * L * D * D + 2 * 2 * L * D * Fd  # qkv, out, ffn in + out
+        if cfg.attention in ("full", "naive"):
+            keys = L
+            proj = 0
+        else:
+            keys = min(k, -(-L * k // cfg.max_seq_len)) if cfg.projection != "linear" else k
+            if cfg.projection == "linear":
+                proj = 2 * (2 * k * L * D)                # E·K and F·V: (k, L) x (L, Dh) per head
+            elif cfg.projection == "conv":
+                proj = 2 * (2 * L * Dh * D)               # each output sums window x Dh inputs
+            else:
+                proj = 0                                  # mean pooling: additions only
+        attn = 2 * (2 * L * keys * D)                     # Q K'^T and P V'
+        total += dense + proj + attn
+    return total
+
+
+def mlm_head_flops(cfg: ModelConfig, predicted: float) -> float:
+    """The LM head (dense + tied decoder) applied at ``predicted`` positions."""
+    D = cfg.hidden_size
+    return predicted * (2 * D * D + 2 * D * cfg.vocab_size)
+
+
+def mlm_train_flops(cfg: ModelConfig, seq_len: int, mask_prob: float) -> float:
+    """Training FLOPs per sequence: forward x 3 (backward costs two forwards); the head runs only at
+    the ~mask_prob x L predicted positions, as LinformerForMLM computes it."""
+    return 3.0 * (encoder_flops(cfg, seq_len) + mlm_head_flops(cfg, mask_prob * seq_len))
