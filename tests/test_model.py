@@ -1,0 +1,187 @@
+"""Linformer maths: equivalence with full attention, sharing counts, padding, slicing, init scale."""
+
+import math
+
+import pytest
+import torch
+
+from linformer_train.config import ConfigError, config_from_dict
+from linformer_train.model import (
+    LinformerForMLM,
+    LinformerForSequenceClassification,
+    SequenceTooLongError,
+    apply_activation_checkpointing,
+    count_projection_matrices,
+    encoder_flops,
+)
+from linformer_train.model.attention import FullSelfAttention, LinformerSelfAttention, NaiveSelfAttention
+from linformer_train.model.encoder import LinformerEncoder
+
+
+def model_cfg(**kw):
+    base = dict(preset="tiny", vocab_size=97, max_seq_len=64, k=16, dropout=0.0, attention_dropout=0.0)
+    base.update(kw)
+    return config_from_dict({"model": base}).model
+
+
+def test_identity_projection_equals_full_attention():
+    torch.manual_seed(0)
+    n, D, H = 32, 64, 4
+    lin = LinformerSelfAttention(D, H, 0.0, k=n, max_seq_len=n, projection="linear",
+                                 sharing="headwise", short_input_scaling="sqrt")
+    full = FullSelfAttention(D, H, 0.0)
+    naive = NaiveSelfAttention(D, H, 0.0)
+    full.load_state_dict(lin.state_dict(), strict=False)
+    naive.load_state_dict(lin.state_dict(), strict=False)
+    with torch.no_grad():
+        lin.proj_k.weight.copy_(torch.eye(n))
+        lin.proj_v.weight.copy_(torch.eye(n))
+    x = torch.randn(3, n, D)
+    out_lin, out_full, out_naive = lin(x), full(x), naive(x)
+    assert (out_lin - out_full).abs().max() < 1e-5
+    assert (out_naive - out_full).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("sharing,expected", [("none", 288), ("headwise", 24), ("kv", 12), ("layerwise", 1)])
+def test_projection_count_per_sharing_mode(sharing, expected):
+    cfg = model_cfg(num_layers=12, num_heads=12, hidden_size=96, ffn_size=32, max_seq_len=32, k=8,
+                    sharing=sharing, preset=None)
+    model = LinformerForMLM(cfg)
+    assert count_projection_matrices(model) == expected
+    # parameters per E/F: k x n each, so the projection parameter total follows the same formula
+    proj_params = sum(p.numel() for name, p in model.named_parameters() if "proj" in name)
+    assert proj_params == expected * 8 * 32
+
+
+def test_layerwise_state_dict_stores_shared_matrix_once():
+    model = LinformerForMLM(model_cfg(sharing="layerwise", k=[16, 8]))
+    keys = [k for k in model.state_dict() if "proj" in k]
+    assert keys == ["encoder.shared_projection.weight"]
+
+
+@pytest.mark.parametrize("projection,sharing", [
+    ("linear", "none"), ("linear", "headwise"), ("linear", "kv"), ("linear", "layerwise"),
+    ("mean", "headwise"), ("conv", "headwise"), ("conv", "kv"),
+])
+def test_padding_invariance(projection, sharing):
+    torch.manual_seed(1)
+    model = LinformerForMLM(model_cfg(projection=projection, sharing=sharing)).eval()
+    ids = torch.randint(5, 97, (2, 64))
+    mask = torch.ones(2, 64, dtype=torch.long)
+    mask[0, 40:] = 0
+    mask[1, 13:] = 0
+    other = ids.clone()
+    other[mask == 0] = torch.randint(5, 97, (int((mask == 0).sum()),))
+    a, b = model(ids, mask), model(other, mask)
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max() < 1e-5
+    # the amount of padding must not matter either: cut the batch at the longest real length
+    c = model(ids[1:, :13], mask[1:, :13])
+    assert (a[1, :13] - c[0]).abs().max() < 1e-4
+
+
+def test_full_attention_padding_invariance():
+    model = LinformerForMLM(model_cfg(attention="full")).eval()
+    ids = torch.randint(5, 97, (1, 64))
+    mask = torch.ones(1, 64, dtype=torch.long)
+    mask[0, 30:] = 0
+    other = ids.clone()
+    other[0, 30:] = 7
+    assert (model(ids, mask)[0, :30] - model(other, mask)[0, :30]).abs().max() < 1e-5
+
+
+def test_shorter_input_slices_projection_and_scales():
+    torch.manual_seed(2)
+    for scaling, factor in [("none", 1.0), ("sqrt", math.sqrt(64 / 16)), ("length", 64 / 16)]:
+        attn = LinformerSelfAttention(64, 4, 0.0, k=8, max_seq_len=64, projection="linear",
+                                      sharing="headwise", short_input_scaling=scaling)
+        x = torch.randn(1, 4, 16, 16)  # (B, H, L, Dh) with L = 16 < n = 64
+        y, _ = attn.proj_k(x, 8, None)
+        expected = torch.matmul(attn.proj_k.weight[:, :16], x) * factor
+        assert torch.allclose(y, expected, atol=1e-6)
+    model = LinformerForMLM(model_cfg())
+    assert model(torch.randint(5, 97, (2, 10))).shape == (2, 10, 97)
+
+
+def test_longer_input_is_refused_with_both_lengths():
+    model = LinformerForMLM(model_cfg())
+    with pytest.raises(SequenceTooLongError, match=r"input length 65 exceeds model.max_seq_len=64"):
+        model(torch.randint(5, 97, (1, 65)))
+
+
+def test_nested_k_layerwise_shares_first_rows_and_gets_gradient():
+    cfg = model_cfg(sharing="layerwise", k=[16, 4])
+    model = LinformerForMLM(cfg)
+    shared = model.encoder.shared_projection.weight
+    assert shared.shape == (16, 64)  # only k_max rows exist
+    assert [layer.attn.k for layer in model.encoder.layers] == [16, 4]
+    ids = torch.randint(5, 97, (2, 64))
+    labels = ids.clone()
+    model(ids, labels=labels).loss_sum.backward()
+    assert shared.grad is not None and shared.grad.abs().sum() > 0
+    # rows 4..15 only feed layer 0; rows 0..3 feed both layers
+    assert shared.grad[:4].abs().sum() > 0 and shared.grad[4:].abs().sum() > 0
+
+
+def test_k_schedule_forms():
+    assert LinformerEncoder(model_cfg(k=[32, 8])).k_schedule == [32, 8]
+    cfg = model_cfg(num_layers=4, k={"first": 64, "last": 16, "multiple_of": 16})
+    assert LinformerEncoder(cfg).k_schedule == [64, 48, 32, 16]
+
+
+def test_init_keeps_projection_scale_stable_at_long_n():
+    torch.manual_seed(3)
+    stds = []
+    for n in (512, 8192):
+        attn = LinformerSelfAttention(64, 1, 0.0, k=128, max_seq_len=n, projection="linear",
+                                      sharing="headwise", short_input_scaling="sqrt")
+        x = torch.randn(1, 1, n, 64)
+        stds.append(attn.proj_k(x, 128, None)[0].std().item())
+    assert 0.8 < stds[0] < 1.2 and 0.8 < stds[1] < 1.2, stds
+
+
+def test_tiny_forward_backward_at_8192_bf16_is_finite():
+    cfg = model_cfg(max_seq_len=8192, k=64, sharing="layerwise")
+    model = LinformerForMLM(cfg).to(torch.bfloat16)
+    ids = torch.randint(5, 97, (1, 8192))
+    labels = torch.full_like(ids, -100)
+    labels[0, ::7] = ids[0, ::7]
+    out = model(ids, labels=labels)
+    out.loss_sum.backward()
+    assert torch.isfinite(out.loss_sum)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_activation_checkpointing_matches_plain_gradients():
+    torch.manual_seed(4)
+    cfg = model_cfg(sharing="layerwise", k=[16, 8])
+    plain = LinformerForMLM(cfg)
+    ckpt = LinformerForMLM(cfg)
+    ckpt.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(ckpt)
+    ids = torch.randint(5, 97, (2, 64))
+    for m in (plain, ckpt):
+        m(ids, labels=ids).loss_sum.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def test_pre_norm_and_classification_head():
+    cfg = model_cfg(norm="pre", num_labels=3)
+    clf = LinformerForSequenceClassification(cfg)
+    logits = clf(torch.randint(5, 97, (4, 20)), torch.ones(4, 20, dtype=torch.long))
+    assert logits.shape == (4, 3)
+
+
+def test_flops_linformer_is_linear_in_n():
+    a = encoder_flops(model_cfg(max_seq_len=1024, k=64), 1024)
+    b = encoder_flops(model_cfg(max_seq_len=2048, k=64), 2048)
+    full_a = encoder_flops(model_cfg(max_seq_len=1024, attention="full"), 1024)
+    full_b = encoder_flops(model_cfg(max_seq_len=2048, attention="full"), 2048)
+    assert b == 2 * a
+    assert full_b > 2 * full_a
+
+
+def test_mean_projection_rejects_indivisible_n():
+    with pytest.raises(ConfigError, match="needs n divisible by k"):
+        model_cfg(projection="mean", k=24)
