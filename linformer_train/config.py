@@ -75,7 +75,8 @@ class DataConfig:
     source: str = "builtin"
     """builtin (sample corpus made from Python's own docs) | files | hf (a datasets hub name)."""
     paths: list = field(default_factory=list)
-    """With source=files: files, globs or directories."""
+    """With source=files: files, globs or directories. With source=hf: the builder's data_files
+    (e.g. hf_name=json with paths=[corpus/*.jsonl])."""
     format: str = "auto"
     """auto (by suffix) | text | jsonl | parquet."""
     text_column: str = "text"
@@ -83,7 +84,10 @@ class DataConfig:
     text_split: str = "blank_line"
     """Plain text documents: blank_line (blocks separated by blank lines) | line (one per line)."""
     hf_name: Optional[str] = None
+    """A datasets hub name (wikitext), a local dataset directory, or a builder (json | parquet |
+    text) reading data.paths."""
     hf_config: Optional[str] = None
+    """The dataset's configuration (wikitext-103-raw-v1)."""
     hf_split: str = "train"
     streaming: bool = False
     """Stream an HF dataset instead of downloading it whole."""
@@ -96,6 +100,10 @@ class DataConfig:
     """unigram | bpe (when training one)."""
     tokenizer_vocab_size: Optional[int] = None
     """Vocabulary of a tokenizer trained here; defaults to model.vocab_size."""
+    tokenizer_character_coverage: float = 0.9995
+    """Share of characters the trained tokenizer covers with pieces; rarer ones fall back to bytes."""
+    tokenizer_sample_sentences: int = 2_000_000
+    """Most lines the tokenizer trains on; a bigger source is sampled uniformly down to this."""
     prepared_dir: Optional[str] = None
     """Where packed blocks live; defaults to <run_dir>/data."""
     validation_fraction: float = 0.01
@@ -468,6 +476,12 @@ def validate(cfg: Config) -> None:
     )
     _check(d.num_proc >= 1, f"data.num_proc={d.num_proc} must be at least 1")
     _check(d.prefetch_batches >= 0, f"data.prefetch_batches={d.prefetch_batches} must be >= 0")
+    if d.max_documents is not None:
+        _check(d.max_documents > 0, f"data.max_documents={d.max_documents} must be positive (or unset)")
+    _check(0.0 < d.tokenizer_character_coverage <= 1.0,
+           f"data.tokenizer_character_coverage={d.tokenizer_character_coverage} must lie in (0, 1]")
+    _check(d.tokenizer_sample_sentences > 0,
+           f"data.tokenizer_sample_sentences={d.tokenizer_sample_sentences} must be positive")
     if d.tokenizer_vocab_size is not None:
         _check(d.tokenizer_vocab_size <= m.vocab_size,
                f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} exceeds model.vocab_size={m.vocab_size}")
