@@ -1,0 +1,1 @@
+"""Training: DeepSpeed config derivation, the Trainer loop, atomic checkpoints, metrics."""

@@ -1,0 +1,190 @@
+"""Atomic DeepSpeed checkpoints: write under a temporary name, rename when every rank is done,
+point ``latest`` at it last (temp file + rename), keep the last K, refuse partial ones on resume.
+
+Layout of ``<run_dir>/checkpoints``::
+
+    step_00000200/            complete: DeepSpeed's files, rank_state_*.pt, complete.json
+    step_00000300.tmp/        a save in progress or interrupted: never loaded, removed later
+    latest                    "step_00000200" (DeepSpeed's own format, so its tools read it too)
+
+DeepSpeed writes its own ``latest`` before its final barrier and writes files in place; we call it
+with ``save_latest=False`` and a temporary tag, so a crash mid-save leaves the previous checkpoint
+and the pointer untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+COMPLETE = "complete.json"
+TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says which and what to do."""
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints under ``root``. Every rank calls ``save`` (DeepSpeed's save is
+    collective); rank 0 alone renames, writes ``latest`` and prunes.
+
+    ``on_stage(name)`` is called at each stage of a save (before, files_written, before_rename,
+    before_latest, done): the fault-injection tests kill the process there.
+    """
+
+    def __init__(self, root: str | Path, keep_last: int, rank: int = 0,
+                 on_stage: Optional[Callable[[str], None]] = None):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.on_stage = on_stage or (lambda name: None)
+
+    # ---------------------------------------------------------------------------------- saving
+
+    def save(self, engine, step: int, client_state: dict, rank_state: dict) -> Path:
+        tag = tag_for_step(step)
+        final = self.root / tag
+        tmp = self.root / (tag + TMP_SUFFIX)
+        self.on_stage("before")
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by an interrupted save of this same step
+        _barrier()
+        state = dict(client_state)
+        # lets `python -m deepspeed.checkpoint.ds_to_universal` convert ZeRO-1/2 checkpoints too
+        state.setdefault("universal_checkpoint_info", {"universal_checkpoint_version": 0.2})
+        try:
+            engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=state, save_latest=False)
+            torch.save(rank_state, tmp / f"rank_state_{self.rank:05d}.pt")
+        except OSError as exc:
+            raise CheckpointError(
+                f"saving checkpoint {tag} in {self.root} failed ({exc.strerror or exc}); the previous "
+                f"checkpoint is intact; free space or fix permissions and resume"
+            ) from None
+        self.on_stage("files_written")
+        _barrier()
+        if self.rank == 0:
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            meta = {"step": step, "files": files, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+            try:
+                _write_atomic(tmp / COMPLETE, json.dumps(meta, indent=1))
+                self.on_stage("before_rename")
+                if final.exists():  # the same step saved again (e.g. end right after a periodic save)
+                    shutil.rmtree(tmp)
+                else:
+                    os.replace(tmp, final)
+                _fsync_dir(self.root)
+                self.on_stage("before_latest")
+                _write_atomic(self.root / LATEST, tag)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"finishing checkpoint {tag} in {self.root} failed ({exc.strerror or exc}); "
+                    f"`latest` still names the previous checkpoint"
+                ) from None
+            self._prune()
+        _barrier()
+        self.on_stage("done")
+        return final
+
+    def _prune(self) -> None:
+        complete = self.complete_checkpoints()
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(f"step_*{TMP_SUFFIX}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # --------------------------------------------------------------------------------- finding
+
+    def complete_checkpoints(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if p.is_dir() and (p / COMPLETE).is_file())
+
+    def latest(self) -> Optional[Path]:
+        """The checkpoint ``latest`` names, verified; None when there is no pointer at all."""
+        pointer = self.root / LATEST
+        if not pointer.exists():
+            return None
+        tag = pointer.read_text().strip()
+        if not tag:
+            raise CheckpointError(
+                f"{pointer} is empty; name a checkpoint with checkpoint.resume=<dir> or delete the file"
+            )
+        path = self.root / tag
+        verify_checkpoint(path)
+        return path
+
+    def resolve_resume(self, resume: str) -> Optional[Path]:
+        """``none`` -> None; ``auto`` -> the latest complete checkpoint or None when the run has
+        none yet; a path -> that checkpoint, verified. Never a silent fresh start for a path."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if path.is_dir() and (path / LATEST).is_file():  # a checkpoints root: follow its pointer
+            return CheckpointManager(path, self.keep_last).latest()
+        verify_checkpoint(path)
+        return path
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Raise CheckpointError unless ``path`` is a complete checkpoint whose files match its record."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist; check checkpoint.resume or the run_dir")
+    meta_path = path / COMPLETE
+    if not meta_path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete (no {COMPLETE}: its save never finished); "
+            f"resume from an earlier one"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = meta["files"]
+    except (ValueError, KeyError):
+        raise CheckpointError(f"checkpoint {path} has a corrupt {COMPLETE}; resume from an earlier one") from None
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}; resume from an earlier one")
+        if f.stat().st_size != size:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} has {f.stat().st_size} bytes, {size} were written; "
+                f"the file is corrupt, resume from an earlier one"
+            )
+    return meta

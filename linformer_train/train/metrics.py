@@ -1,0 +1,95 @@
+"""One small metrics logger: console line + TensorBoard on rank 0; throughput, MFU and peak memory."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Achieved matmul TFLOP/s on this device and dtype: the denominator of MFU when the config
+    states no peak. On GPUs, stating the datasheet peak (train.peak_tflops) is the usual practice."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / sorted(times)[len(times) // 2] / 1e12
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    """``should_log(step)`` and ``log(metrics, step)``; only rank 0 writes anything."""
+
+    def __init__(self, run_dir: str | Path, log_every: int, tensorboard: bool, enabled: bool,
+                 max_steps: int):
+        self.log_every = log_every
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def should_log(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.max_steps
+
+    def log(self, metrics: dict[str, float], step: int, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if value is not None and math.isfinite(value):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+            self.writer.flush()
+        print(self._line(metrics, step, prefix), file=sys.stdout, flush=True)
+
+    def text(self, tag: str, value: str) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_text(tag, value)
+
+    def _line(self, m: dict, step: int, prefix: str) -> str:
+        if prefix != "train":
+            body = " | ".join(f"{k} {v:.4g}" for k, v in m.items())
+            return f"{prefix:>5} step {step:>7} | {body}"
+        parts = [f"step {step:>7}/{self.max_steps}", f"loss {m['loss']:.4f}", f"acc {m['accuracy']:.3f}",
+                 f"lr {m['lr']:.2e}", f"{m['tokens_per_s'] / 1e3:.1f}k tok/s"]
+        if m.get("mfu") is not None:
+            parts.append(f"MFU {100 * m['mfu']:.1f}%")
+        if m.get("skipped_steps"):
+            parts.append(f"skipped {int(m['skipped_steps'])}")
+        parts.append(f"eta {_fmt_duration(m.get('eta_s', float('nan')))}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

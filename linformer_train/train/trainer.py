@@ -1,0 +1,423 @@
+"""The pretraining loop: build (data, model, DeepSpeed engine), train(), train_step(), evaluate().
+
+Loss normalisation. The MLM loss is the mean cross-entropy over every predicted token of the
+*global* batch (all micro-batches of a step, all data-parallel ranks), so long and short masks
+weigh each token equally whatever the accumulation or rank count. The count of predicted tokens is
+known on the host before the forward (the loader made the masks), is summed over ranks with one
+all-reduce, and each micro-batch backpropagates ``loss_sum * (accum x ranks) / global_count``:
+DeepSpeed divides by the accumulation steps in ``backward`` and averages gradients over ranks,
+which cancels the factor, leaving the gradient of sum(loss) / global_count.
+
+Host syncs: one per optimizer step (a 2-element all-reduce of the stop-request and non-finite
+flags, which every rank must agree on) plus the metrics on logging steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from linformer_train.config import Config, ConfigError, save_config, to_dict, config_from_dict
+from linformer_train.model import LinformerForMLM, apply_activation_checkpointing, mlm_train_flops
+from linformer_train.train.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
+from linformer_train.train.ds_config import build_ds_config
+from linformer_train.train.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite policy, skipped steps); one line, said once."""
+
+
+def lr_at(step: int, lr: float, warmup: int, total: int, decay: str, min_ratio: float) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warmup, then linear/cosine decay or constant.
+    A pure function of the step, so resume needs no scheduler state."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if decay == "constant" or total <= warmup:
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if decay == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        factor = 1.0 - progress
+    return lr * (min_ratio + (1.0 - min_ratio) * factor)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (dense, embeddings, E/F); none on biases and LayerNorm."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite (and clears them), as DeepSpeed's
+    ZeRO and bf16/fp16 optimizers do; used for fp32 at ZeRO stage 0, where DeepSpeed has no check.
+    Costs one host sync per step, in that mode only."""
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self.zero_grad(set_to_none=True)
+            self.last_step_skipped = True
+            return None
+        self.last_step_skipped = False
+        return super().step(closure)
+
+
+class Trainer:
+    """Owns the whole tree of config; everything below it gets sections."""
+
+    def __init__(self, cfg: Config, on_checkpoint_stage: Optional[Callable[[str], None]] = None):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        from linformer_train.train.data_setup import build_training_data
+
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.is_main = self.rank == 0
+        # rank 0's resolved config is the one every rank uses (and the one written to the run dir)
+        box = [to_dict(cfg)]
+        dist.broadcast_object_list(box, src=0)
+        self.cfg = cfg = config_from_dict(box[0])
+        self.run_dir = Path(cfg.train.run_dir)
+        accel = get_accelerator()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
+
+        ds_config = build_ds_config(cfg, self.world_size)  # batch arithmetic errors before any work
+        self._check_resume_target()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        _set_seed(cfg.train.seed)
+
+        self.data = build_training_data(cfg.data, cfg.model, cfg.train, self.run_dir,
+                                        rank=self.rank, world_size=self.world_size)
+
+        model = LinformerForMLM(cfg.model)
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        optimizer = self._build_optimizer(model)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                             self.rank, on_checkpoint_stage)
+        self.metrics = MetricsLogger(self.run_dir, cfg.logging.log_every, cfg.logging.tensorboard,
+                                     self.is_main, cfg.train.max_steps)
+
+        self.step = 0
+        self.consumed_samples = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._stop_requested = False
+        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * self.world_size
+        self.flops_per_seq = mlm_train_flops(cfg.model, cfg.model.max_seq_len, cfg.data.mask_prob)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision.dtype]
+        if self.device.type == "cpu" and dtype == torch.float16:
+            dtype = torch.float32
+        self.peak_flops = 1e12 * (cfg.train.peak_tflops or measure_peak_tflops(self.device, dtype))
+        self._resume()
+
+    # ------------------------------------------------------------------------------------ build
+
+    def _build_optimizer(self, model):
+        o = self.cfg.optim
+        groups = param_groups(model, o.weight_decay)
+        kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        if self.cfg.precision.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload's own CPU AdamW
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        fused = self.device.type == "cuda"  # fused AdamW kernel where the device has one
+        if self.cfg.precision.dtype == "fp32" and self.cfg.precision.zero_stage == 0:
+            # the one mode where DeepSpeed hands steps straight to the optimizer with no overflow check
+            return FiniteAdamW(groups, fused=fused, **kwargs)
+        return torch.optim.AdamW(groups, fused=fused, **kwargs)
+
+    def _check_resume_target(self) -> None:
+        """Fail before any expensive work when the named checkpoint cannot be used."""
+        ck = self.cfg.checkpoint
+        if ck.resume in ("none", "auto"):
+            return
+        path = Path(ck.resume)
+        if ck.universal:
+            if not path.is_dir():
+                raise CheckpointError(f"universal checkpoint {path} does not exist; run ds_to_universal first")
+            return
+        CheckpointManager(self.run_dir / "checkpoints", ck.keep_last).resolve_resume(ck.resume)
+
+    # ----------------------------------------------------------------------------------- resume
+
+    def _resume(self) -> None:
+        ck = self.cfg.checkpoint
+        if ck.universal and ck.resume not in ("none", "auto"):
+            path = Path(ck.resume)
+        else:
+            path = self.checkpoints.resolve_resume(ck.resume)
+        if path is None:
+            if ck.resume == "auto" and self.is_main:
+                print(f"resume=auto: no checkpoint in {self.checkpoints.root}; starting fresh", flush=True)
+            return
+        load_path, client = self.engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_module_strict=True,
+            load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None or client is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {path}; resume from an earlier one")
+        self._check_compatible(client.get("config"), path)
+        self.step = client["step"]
+        self.consumed_samples = client["consumed_samples"]
+        self.skipped_steps = client.get("skipped_steps", 0)
+        rank_file = path / f"rank_state_{self.rank:05d}.pt"
+        if client.get("world_size") == self.world_size and rank_file.is_file():
+            state = torch.load(rank_file, weights_only=False)
+            set_rng_state(state["rng"])
+            self.data.train_loader.load_state_dict(state["loader"])
+        else:
+            # another rank count (universal checkpoint): carry on from the global sample position
+            self.data.train_loader.load_state_dict(
+                self.data.train_loader.state_for_consumed(self.consumed_samples))
+            _set_seed(self.cfg.train.seed + self.step)
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _check_compatible(self, saved: Optional[dict], path: Path) -> None:
+        if not saved:
+            return
+        old = config_from_dict(saved).model
+        new = self.cfg.model
+        for key in ("max_seq_len", "hidden_size", "num_layers", "num_heads", "vocab_size", "k",
+                    "sharing", "projection", "attention"):
+            if getattr(old, key) != getattr(new, key):
+                raise ConfigError(
+                    f"checkpoint {path} has model.{key}={getattr(old, key)!r} but the config says "
+                    f"{getattr(new, key)!r}; resume with the checkpoint's model or convert it "
+                    f"(tools/convert.py)"
+                )
+
+    # ------------------------------------------------------------------------------------ train
+
+    def train(self) -> int:
+        """Run to train.max_steps or a stop request; returns the process exit code."""
+        cfg = self.cfg
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, self._request_stop)
+        try:
+            self._loop()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            self.data.close()
+            self.metrics.close()
+        return 0
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        saved_at = self.step
+        window = _Window()
+        t_start = time.perf_counter()
+        start_step = self.step
+        while self.step < cfg.train.max_steps:
+            stats = self.train_step(window)
+            if stats["stop"]:
+                if self.is_main:
+                    print(f"stop requested: saving a checkpoint at step {self.step}", flush=True)
+                break
+            if self.metrics.should_log(self.step):
+                elapsed = time.perf_counter() - t_start
+                rate = (self.step - start_step) / elapsed if elapsed > 0 else float("nan")
+                self.metrics.log(window.summary(self, eta=(cfg.train.max_steps - self.step) / rate), self.step)
+                window = _Window()
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                self.metrics.log(self.evaluate(), self.step, prefix="eval")
+            if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+                self.save()
+                saved_at = self.step
+        if saved_at != self.step:
+            self.save()
+
+    def train_step(self, window: "_Window") -> dict:
+        """One optimizer step: gather micro-batches, forward, backward, step."""
+        cfg, engine = self.cfg, self.engine
+        accum = cfg.train.grad_accum_steps
+        with window.data_wait():
+            micro = [next(self.data.train_loader) for _ in range(accum)]
+        local = sum(int((b["labels"] != -100).sum()) for b in micro)       # host-side: no sync
+        count = torch.tensor(float(local), device=self.device)
+        dist.all_reduce(count)                                             # global predicted tokens
+        lr = lr_at(self.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps,
+                   cfg.optim.decay, cfg.optim.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        for batch in micro:
+            out = engine(batch["input_ids"].to(self.device, non_blocking=True),
+                         labels=batch["labels"].to(self.device, non_blocking=True))
+            engine.backward(out.loss_sum * (accum * self.world_size) / count)
+            engine.step()
+            loss_sum += out.loss_sum.detach().float()
+            correct += out.num_correct.detach().float()
+        # the one per-step sync: every rank must agree on stopping and on a non-finite step
+        flags = torch.tensor([float(self._stop_requested), 0.0], device=self.device)
+        flags[1] = (~torch.isfinite(loss_sum)).float()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, nonfinite = bool(flags[0].item()), bool(flags[1].item())
+        self.step += 1
+        self.consumed_samples += self.global_batch
+        applied = (engine.was_step_applied() and not nonfinite
+                   and not getattr(self.optimizer, "last_step_skipped", False))
+        self._account_skip(applied, nonfinite)
+        window.add(loss_sum, correct, count, lr, applied)
+        return {"stop": stop}
+
+    def _account_skip(self, applied: bool, nonfinite: bool) -> None:
+        if applied:
+            self.consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        t = self.cfg.train
+        if nonfinite and t.nonfinite_policy == "stop":
+            raise TrainingError(
+                f"non-finite loss at step {self.step} and train.nonfinite_policy=stop; lower optim.lr, "
+                f"use precision.dtype=bf16, or set train.nonfinite_policy=skip")
+        if self.consecutive_skips >= t.max_consecutive_skips:
+            scale = getattr(self.optimizer, "cur_scale", None)
+            extra = f" (fp16 loss scale {scale:g})" if scale is not None else ""
+            raise TrainingError(
+                f"{self.consecutive_skips} optimizer steps in a row were skipped (non-finite loss or "
+                f"gradients) up to step {self.step}{extra}; lower optim.lr, use bf16, or resume from "
+                f"an earlier checkpoint")
+
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self._stop_requested = True
+
+    # --------------------------------------------------------------------------------- evaluate
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, perplexity and accuracy over the validation split (fixed masks), all ranks."""
+        self.engine.eval()
+        totals = torch.zeros(3, device=self.device)
+        for batch in self.data.eval_batches(self.cfg.train.eval_batches):
+            out = self.engine(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device))
+            totals += torch.stack([out.loss_sum.float(), out.num_predicted.float(), out.num_correct.float()])
+        dist.all_reduce(totals)
+        self.engine.train()
+        loss_sum, count, correct = totals.tolist()
+        loss = loss_sum / max(count, 1.0)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(count, 1.0)}
+
+    # ------------------------------------------------------------------------------------- save
+
+    def save(self) -> Path:
+        client = {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "consumed_tokens": self.consumed_samples * self.cfg.model.max_seq_len,
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.world_size,
+            "config": to_dict(self.cfg),
+        }
+        rank_state = {"rng": rng_state(), "loader": self.data.train_loader.state_dict()}
+        path = self.checkpoints.save(self.engine, self.step, client, rank_state)
+        if self.is_main:
+            print(f"saved checkpoint {path}", flush=True)
+        return path
+
+
+class _Window:
+    """Device-side sums between two logging steps, read (one sync) only when logged."""
+
+    def __init__(self):
+        self.loss_sum = self.correct = self.count = None
+        self.steps = 0
+        self.applied = 0
+        self.lr = 0.0
+        self.wait = 0.0
+        self.t0 = time.perf_counter()
+
+    @contextmanager
+    def data_wait(self):
+        t = time.perf_counter()
+        yield
+        self.wait += time.perf_counter() - t
+
+    def add(self, loss_sum, correct, count, lr, applied):
+        if applied:
+            self.loss_sum = loss_sum if self.loss_sum is None else self.loss_sum + loss_sum
+            self.correct = correct if self.correct is None else self.correct + correct
+            self.count = count if self.count is None else self.count + count
+            self.applied += 1
+        self.steps += 1
+        self.lr = lr
+
+    def summary(self, trainer: Trainer, eta: float) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.t0
+        if self.loss_sum is not None:
+            local = torch.stack([self.loss_sum, self.correct])
+            dist.all_reduce(local)
+            loss_sum, correct = local.tolist()
+            count = float(self.count)  # already global
+            loss, acc = loss_sum / count, correct / count
+        else:
+            loss = acc = float("nan")
+        seqs = self.steps * trainer.global_batch
+        tokens_per_s = seqs * trainer.cfg.model.max_seq_len / elapsed
+        achieved = seqs * trainer.flops_per_seq / elapsed / trainer.world_size
+        grad_norm = trainer.engine.get_global_grad_norm()
+        scale = getattr(trainer.optimizer, "cur_scale", None)
+        return {
+            "loss": loss,
+            "accuracy": acc,
+            "perplexity": math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("nan"),
+            "lr": self.lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "loss_scale": float(scale) if scale is not None else None,
+            "skipped_steps": float(trainer.skipped_steps),
+            "tokens_per_s": tokens_per_s,
+            "samples_per_s": seqs / elapsed,
+            "mfu": achieved / trainer.peak_flops,
+            "peak_memory_gib": peak_memory_bytes(trainer.device) / 2**30,
+            "data_wait_fraction": self.wait / elapsed,
+            "eta_s": eta,
+        }
