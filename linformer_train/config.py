@@ -142,6 +142,10 @@ class TrainConfig:
     """Steps, batch arithmetic and the loop's policies."""
 
     max_steps: int = 1000
+    """Optimizer steps of the whole run (the LR schedule spans them)."""
+    stop_after: Optional[int] = None
+    """Stop this invocation at this step, saving a checkpoint, without changing the schedule
+    (time-sliced jobs; resume with --resume)."""
     micro_batch_size: int = 8
     """Sequences per rank per forward."""
     grad_accum_steps: int = 1
@@ -498,6 +502,9 @@ def validate(cfg: Config) -> None:
 
     t = cfg.train
     _check(t.max_steps > 0, f"train.max_steps={t.max_steps} must be positive")
+    if t.stop_after is not None:
+        _check(0 < t.stop_after <= t.max_steps,
+               f"train.stop_after={t.stop_after} must lie in [1, train.max_steps={t.max_steps}]")
     _check(t.micro_batch_size > 0, f"train.micro_batch_size={t.micro_batch_size} must be positive")
     _check(t.grad_accum_steps > 0, f"train.grad_accum_steps={t.grad_accum_steps} must be positive")
     _check(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 disables)")

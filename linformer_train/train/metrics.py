@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -55,6 +56,10 @@ class MetricsLogger:
         self.enabled = enabled
         self.max_steps = max_steps
         self.writer = None
+        self.jsonl = None
+        if enabled:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # machine-readable history
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -71,6 +76,8 @@ class MetricsLogger:
                 if value is not None and math.isfinite(value):
                     self.writer.add_scalar(f"{prefix}/{key}", value, step)
             self.writer.flush()
+        self.jsonl.write(json.dumps({"split": prefix, "step": step, **metrics}) + "\n")
+        self.jsonl.flush()
         print(self._line(metrics, step, prefix), file=sys.stdout, flush=True)
 
     def text(self, tag: str, value: str) -> None:
@@ -91,5 +98,7 @@ class MetricsLogger:
         return " | ".join(parts)
 
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.writer is not None:
             self.writer.close()

@@ -253,7 +253,8 @@ class Trainer:
         window = _Window()
         t_start = time.perf_counter()
         start_step = self.step
-        while self.step < cfg.train.max_steps:
+        last = cfg.train.stop_after or cfg.train.max_steps
+        while self.step < last:
             stats = self.train_step(window)
             if stats["stop"]:
                 if self.is_main:
