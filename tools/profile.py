@@ -1,0 +1,347 @@
+#!/usr/bin/env python
+"""Memory and speed profiling of Linformer encoders: choose k and n for your hardware.
+
+Subcommands (docs/PROFILING.md has the walk-through):
+  sweep      time and peak memory over n, k, batch, sharing, projection, attention kind and mode,
+             with speed-up / memory saved against full attention (naive O(n^2) and SDPA)
+  max-batch  the largest batch that fits a memory budget, per n and attention kind
+  estimate   no run: parameters, gradients, optimizer states and activations per GPU by ZeRO stage
+  peak       the measured matmul peak of this device (what MFU is relative to)
+
+Examples:
+  python tools/profile.py sweep --preset base --layers 1 -n 512 1024 2048 --k 128 256 \\
+      --attention linformer full naive --mode backward
+  python tools/profile.py max-batch --preset base -n 1024 4096 --device cuda --dtype bf16 --budget-gib 16
+  python tools/profile.py estimate --preset base -n 8192 --k 256 --zero-stage 2 --gpus 8 --gpu-mem-gib 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+# This file is named like the standard library's `profile` (which cProfile, and so torch._dynamo,
+# import): drop tools/ from the path so that name resolves to the standard library.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line on stderr and exit 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=None, help="tiny | small | base | large")
+    g.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="config file(s) whose model section is used (repeatable)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="dotlist override, e.g. model.dropout=0 (repeatable)")
+    g.add_argument("--layers", type=int, default=None,
+                   help="override num_layers (e.g. 1 to measure one block of a big model)")
+
+
+def _run_args(p: argparse.ArgumentParser, max_batch: bool = False) -> None:
+    g = p.add_argument_group("sweep")
+    g.add_argument("-n", "--seq-len", type=int, nargs="+", required=True, help="sequence lengths n")
+    g.add_argument("--k", nargs="+", default=["128"],
+                   help="k values: 128, a per-layer list '[256,128]' or a rule '{first: 256, last: 64}'")
+    g.add_argument("--attention", nargs="+", default=["linformer", "full", "naive"],
+                   help="linformer | full (SDPA) | naive (written-out O(n^2))")
+    g.add_argument("--projection", nargs="+", default=["linear"], help="linear | mean | conv")
+    g.add_argument("--sharing", nargs="+", default=["headwise"], help="none | headwise | kv | layerwise")
+    if not max_batch:
+        g.add_argument("--batch-size", "-b", type=int, nargs="+", default=[1])
+    g.add_argument("--mode", nargs="+", default=["backward"],
+                   help="forward (inference) | backward (forward + backward) | train (+ AdamW step)")
+    g.add_argument("--target", default="auto",
+                   help="encoder | mlm | layer (one attention layer) | auto (mlm for train, else encoder)")
+    g.add_argument("--impl", nargs="+", default=["project"],
+                   help="project | pypi (lucidrains' linformer package; --target layer)")
+    g.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    g.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    g.add_argument("--warmup", type=int, default=1)
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--mask-prob", type=float, default=0.15)
+    g.add_argument("--budget-gib", type=float, default=None,
+                   help="peak memory allowed (CPU: process RSS; CUDA: allocated). Default: CPU 90%% of "
+                        "available RAM, CUDA the device")
+    g.add_argument("--no-isolate", action="store_true",
+                   help="run CPU cases in this process (faster, but its RSS peak is not trustworthy)")
+    g.add_argument("--timeout", type=float, default=None, help="seconds per case (isolated runs)")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for MFU; measured with a matmul when unset")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, help="directory for results.json/.csv and plots "
+                                               "(default runs/profile/<time>)")
+    o.add_argument("--no-plots", action="store_true")
+    o.add_argument("--title", default="", help="title for the table and plots")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tools/profile.py", description=__doc__.split("\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("sweep", help="time and memory over a grid of configurations")
+    _model_args(s)
+    _run_args(s)
+
+    m = sub.add_parser("max-batch", help="largest batch within a memory budget")
+    _model_args(m)
+    _run_args(m, max_batch=True)
+    m.add_argument("--max-batch-limit", type=int, default=4096)
+    m.add_argument("--no-refine", action="store_true", help="stop at powers of two (no bisection)")
+
+    e = sub.add_parser("estimate", help="memory per GPU by ZeRO stage, without a run")
+    _model_args(e)
+    e.add_argument("-n", "--seq-len", type=int, required=True)
+    e.add_argument("--k", default=None, help="k (as in sweep); default: the config's")
+    e.add_argument("--attention", default=None, help="linformer | full | naive; default: the config's")
+    e.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
+    e.add_argument("--dtype", default="bf16")
+    e.add_argument("--zero-stage", type=int, nargs="+", default=[0, 1, 2, 3])
+    e.add_argument("--gpus", type=int, default=1, help="GPUs in total (data-parallel ranks)")
+    e.add_argument("--gpus-per-node", type=int, default=None)
+    e.add_argument("--gpu-mem-gib", type=float, default=None, help="memory of one GPU")
+    e.add_argument("--activation-checkpointing", action="store_true")
+    e.add_argument("--reserve-gib", type=float, default=2.0,
+                   help="CUDA context + allocator slack counted on top (default 2)")
+    e.add_argument("--mask-prob", type=float, default=0.15)
+    e.add_argument("--json", default=None, help="also write the estimate here")
+
+    k = sub.add_parser("peak", help="measured matmul peak of a device")
+    k.add_argument("--device", default="auto")
+    k.add_argument("--dtype", default="fp32")
+    k.add_argument("--size", type=int, default=None)
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _console():
+    """rich console; wide tables when the output is a file or a pipe (no terminal width to fit)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    from linformer_train.config import ConfigError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for but torch sees no CUDA device")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"--device {name!r} is not cpu, cuda, cuda:N or auto")
+    return name
+
+
+def _base_model(args) -> dict:
+    from linformer_train import profiling as prof
+
+    overrides = list(args.overrides)
+    if args.layers is not None:
+        overrides.append(f"model.num_layers={args.layers}")
+    for o in overrides:
+        if "=" in o and not o.split("=", 1)[0].startswith("model."):
+            from linformer_train.config import ConfigError
+
+            raise ConfigError(f"--set {o!r}: the profiler reads only the model section (model.*)")
+    return prof.model_section(args.preset, args.config, overrides)
+
+
+def _cases(args, device: str, budget: int | None):
+    from linformer_train import profiling as prof
+
+    if args.dtype not in prof.DTYPES:
+        from linformer_train.config import ConfigError
+
+        raise ConfigError(f"--dtype {args.dtype!r} is not allowed; choose one of {', '.join(prof.DTYPES)}")
+    base = _base_model(args)
+    ks = [prof.parse_k(k) for k in args.k]
+    return prof.build_cases(
+        base, seq_lens=args.seq_len, attentions=args.attention, ks=ks, projections=args.projection,
+        sharings=args.sharing, batch_sizes=getattr(args, "batch_size", [1]), modes=args.mode,
+        target=args.target, impls=args.impl, num_layers=args.layers, dtype=args.dtype,
+        device=device, warmup=args.warmup, repeats=args.repeats, mask_prob=args.mask_prob,
+        budget_bytes=budget)
+
+
+def _peak(args, device: str) -> float:
+    from linformer_train import profiling as prof
+
+    if args.peak_tflops is not None:
+        return args.peak_tflops * 1e12
+    return prof.measure_matmul_peak(device, args.dtype)
+
+
+def _out_dir(args) -> Path:
+    if args.out:
+        return Path(args.out)
+    return Path("runs/profile") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def cmd_sweep(args) -> int:
+    from linformer_train import profiling as prof
+
+    console = _console()
+    device = _device(args.device)
+    budget = int(args.budget_gib * prof.GIB) if args.budget_gib else prof.default_budget_bytes(device)
+    cases = _cases(args, device, budget)
+    peak = _peak(args, device)
+    console.print(f"[dim]{len(cases)} cases on {device}; peak {peak / 1e12:.3f} TFLOP/s "
+                  f"({args.dtype} matmul); budget {budget / prof.GIB:.1f} GiB[/dim]")
+
+    def on_row(r):
+        what = (f"{r['time_ms']:.1f} ms, {r['mem_step_mib']:.0f} MiB" if r["status"] == "ok"
+                else f"{r['status']}: {r['reason']}")
+        console.print(f"  {r['label']:<22} {r['mode']:<8} n={r['n']:<6} b={r['batch']:<4} {what}")
+
+    rows = prof.run_sweep(cases, isolate=False if args.no_isolate else None, peak_flops=peak,
+                          on_row=on_row, timeout=args.timeout)
+    out = _out_dir(args)
+    meta = prof.machine_info(device)
+    meta.update(peak_flops=peak, budget_bytes=budget, isolated=not args.no_isolate or device != "cpu")
+    prof.write_json(out / "results.json", {"kind": "sweep", "machine": meta, "rows": rows})
+    prof.write_csv(out / "results.csv", rows)
+    plots = [] if args.no_plots else prof.plot_rows(rows, out, args.title)
+    prof.print_table(rows, args.title, console)
+    console.print(f"wrote {out / 'results.json'}, {out / 'results.csv'}"
+                  + "".join(f", {p}" for p in plots))
+    return 0
+
+
+def cmd_max_batch(args) -> int:
+    from linformer_train import profiling as prof
+
+    console = _console()
+    device = _device(args.device)
+    budget = int(args.budget_gib * prof.GIB) if args.budget_gib else prof.default_budget_bytes(device)
+    args.batch_size = [1]
+    cases = _cases(args, device, budget)
+    peak = _peak(args, device)
+    results = []
+    for case in cases:
+        res = prof.find_max_batch(case, budget, limit=args.max_batch_limit, refine=not args.no_refine,
+                                  runner=lambda c: prof.measure_case(
+                                      c, isolate=False if args.no_isolate else None,
+                                      peak_flops=peak, timeout=args.timeout))
+        res.update(label=case.label, attention=case.model["attention"], impl=case.impl,
+                   mode=case.mode, n=case.seq_len)
+        why = "" if res["fail"] is None else f" (b={res['fail']['batch']}: {res['fail']['reason']})"
+        console.print(f"  {case.label:<22} {case.mode:<8} n={case.seq_len:<6} max batch "
+                      f"{res['max_batch']}{why}")
+        results.append(res)
+    prof.add_batch_ratios(results)
+    out = _out_dir(args)
+    meta = prof.machine_info(device)
+    meta.update(peak_flops=peak, budget_bytes=budget)
+    prof.write_json(out / "max_batch.json", {"kind": "max-batch", "machine": meta, "results": results})
+    flat = [dict(r["fit"], max_batch=r["max_batch"]) for r in results if r.get("fit")]
+    prof.write_csv(out / "max_batch.csv", flat)
+    prof.print_max_batch(results, budget, console)
+    console.print(f"wrote {out / 'max_batch.json'}, {out / 'max_batch.csv'}")
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from rich.table import Table
+
+    from linformer_train import profiling as prof
+    from linformer_train.config import config_from_dict
+
+    base = _base_model(args)
+    base.update(max_seq_len=max(args.seq_len, 1), preset=None)
+    if args.k is not None:
+        base["k"] = prof.parse_k(args.k)
+    if args.attention is not None:
+        base["attention"] = args.attention
+    cfg = config_from_dict({"model": base}).model
+    est = prof.estimate(cfg, args.seq_len, args.micro_batch, dtype=args.dtype,
+                        zero_stages=args.zero_stage, num_gpus=args.gpus,
+                        gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem_gib,
+                        activation_checkpointing=args.activation_checkpointing,
+                        reserve_gib=args.reserve_gib, mask_prob=args.mask_prob)
+    G = prof.GIB
+    console = _console()
+    title = (f"{est['params'] / 1e6:.1f}M params, n={args.seq_len}, {cfg.attention}"
+             + (f" k={prof.format_k(cfg.k)}" if cfg.attention == "linformer" else "")
+             + f", micro-batch {args.micro_batch}, {args.dtype}, {args.gpus} GPU(s)"
+             + (", activation checkpointing" if args.activation_checkpointing else ""))
+    t = Table(title=f"memory per GPU (GiB): {title}")
+    cols = ["ZeRO", "params", "grads", "optimizer", "model states", "DeepSpeed est.",
+            "activations", f"+ reserve {args.reserve_gib:g}", "total"]
+    if args.gpu_mem_gib:
+        cols += [f"fits {args.gpu_mem_gib:g} GiB", "max micro-batch"]
+    for c in cols:
+        t.add_column(c, justify="right")
+    for st in est["stages"]:
+        ds = st["deepspeed_model_states_bytes"]
+        row = [str(st["zero_stage"]), f"{st['params_bytes'] / G:.2f}", f"{st['grads_bytes'] / G:.2f}",
+               f"{st['optimizer_bytes'] / G:.2f}", f"{st['model_states_bytes'] / G:.2f}",
+               "-" if ds is None else f"{ds / G:.2f}", f"{st['activation_bytes'] / G:.2f}",
+               f"{args.reserve_gib:.2f}", f"{st['total_bytes'] / G:.2f}"]
+        if args.gpu_mem_gib:
+            row += ["yes" if st["fits"] else "NO", str(st["max_micro_batch"])]
+        t.add_row(*row)
+    console.print(t)
+    if args.gpu_mem_gib:
+        for st in est["stages"]:
+            verdict = "fits" if st["fits"] else "does NOT fit"
+            console.print(f"ZeRO-{st['zero_stage']} on {args.gpus} x {args.gpu_mem_gib:g} GiB: {verdict} "
+                          f"at micro-batch {args.micro_batch} ({st['total_bytes'] / G:.1f} GiB per GPU); "
+                          f"largest micro-batch that fits: {st['max_micro_batch']}")
+    a = est["activations"]
+    console.print(f"activations: {a['per_layer'] / G:.3f} GiB per layer (largest), layers "
+                  f"{a['layers'] / G:.2f}, embeddings {a['embeddings'] / G:.2f}, MLM head "
+                  f"{a['head'] / G:.2f}, backward transient {a['transient'] / G:.2f}; "
+                  f"{est['activation_bytes_per_sequence'] / G:.3f} GiB per sequence")
+    if args.json:
+        prof.write_json(Path(args.json), {"kind": "estimate", "estimate": est,
+                                          "machine": prof.machine_info("cpu")})
+    return 0
+
+
+def cmd_peak(args) -> int:
+    from linformer_train import profiling as prof
+
+    device = _device(args.device)
+    if args.dtype not in prof.DTYPES:
+        from linformer_train.config import ConfigError
+
+        raise ConfigError(f"--dtype {args.dtype!r} is not allowed; choose one of {', '.join(prof.DTYPES)}")
+    peak = prof.measure_matmul_peak(device, args.dtype, args.size)
+    print(f"{device} {args.dtype} matmul peak: {peak / 1e12:.3f} TFLOP/s")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from linformer_train.config import ConfigError
+
+    handlers = {"sweep": cmd_sweep, "max-batch": cmd_max_batch, "estimate": cmd_estimate,
+                "peak": cmd_peak}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
