@@ -130,6 +130,9 @@ def test_training_errors_are_one_line(corpus, tmp_path):
     cfg = load_config([], ["data.source=files", f"data.paths=[{corpus}]"]).data
     with pytest.raises(DataError, match=r"too small: .* at least 262"):
         train_tokenizer(cfg, tmp_path, 100)
+    with pytest.raises(DataError, match=r"vocab_size=300 is smaller than the \d+ pieces this corpus needs "
+                                        r"for its characters .* raise data.tokenizer_vocab_size"):
+        train_tokenizer(cfg, tmp_path, 300)
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("just a few words\n")
     cfg = load_config([], ["data.source=files", f"data.paths=[{tiny}]"]).data

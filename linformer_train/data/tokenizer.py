@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
@@ -210,11 +211,18 @@ def train_tokenizer(cfg: "DataConfig", out_dir: str | os.PathLike, vocab_size: i
         if counter[0] == 0:
             raise DataError(f"cannot train a tokenizer: {source.description} has no text; "
                             f"check data.source and data.paths") from None
-        if "Vocabulary size too high" in msg or "vocab_size" in msg.lower():
+        if "Vocabulary size too high" in msg:
             hint = msg.split("Please set it to a value")[-1].strip(" .")
             raise DataError(f"tokenizer vocab_size={vocab_size} is too large for this corpus "
                             f"({counter[0]:,} lines; sentencepiece: set it to a value {hint}); lower "
                             f"data.tokenizer_vocab_size or use more text") from None
+        if "smaller than required_chars" in msg:
+            need = re.search(r"(\d+) vs (\d+)", msg)
+            need_text = f"the {need.group(2)} pieces" if need else "the pieces"
+            raise DataError(f"tokenizer vocab_size={vocab_size} is smaller than {need_text} this corpus "
+                            f"needs for its characters at data.tokenizer_character_coverage="
+                            f"{cfg.tokenizer_character_coverage}; raise data.tokenizer_vocab_size or "
+                            f"lower the coverage") from None
         raise DataError(f"sentencepiece could not train on {source.description}: {msg}") from None
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(buffer.getvalue())

@@ -1,0 +1,561 @@
+"""Preparation: tokenize a source in parallel, pack it into n-token blocks on disk, write a manifest.
+
+Layout of a prepared directory::
+
+    manifest.json       counts, n, dtype, tokenizer sha256, source and its fingerprint; written last
+    train.bin           uint16 (uint32 past 65,536 pieces) tokens, shape (train_blocks, n), row-major
+    validation.bin      the same for held-out documents
+    tokenizer/          the tokenizer, when it was trained here (data.tokenizer unset)
+
+The stream of a split is ``doc </s> doc </s> ...``; it is cut into rows of n-1 tokens and every row
+gets ``<s>`` in front, so each block is exactly n tokens, starts like a RoBERTa sample, and nothing is
+padded. Only the last partial row of each split is dropped (counted in the manifest). A document goes
+to validation when a hash of its position falls under ``data.validation_fraction``, so train and
+validation share no document. Memory stays flat: documents stream through an Arrow file on disk,
+``datasets.map`` tokenizes it in ``num_proc`` processes, and the packer reads the token shards batch
+by batch and appends to the .bin files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from linformer_train.data import DataError
+from linformer_train.data.corpus import Source, build_source
+from linformer_train.data.tokenizer import (BOS_ID, EOS_ID, MODEL_FILE, Tokenizer, load_tokenizer,
+                                            meta_path, model_path, sha256_file, train_tokenizer,
+                                            training_spec)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from linformer_train.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SPLITS = ("train", "validation")
+SPLIT_SEED = 0x5EED
+DOC_BATCH = 1000
+"""Documents per Arrow record batch and per tokenization call."""
+BATCH_BYTES = 8 << 20
+"""A record batch of documents is also cut at this many bytes of text, so huge documents stay bounded."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a prepared set
+# --------------------------------------------------------------------------------------------------
+
+
+class BlockSet:
+    """Memory-mapped blocks of one split: ``len()``, ``[i] -> (n,)`` array, ``take(idx) -> (B, n)``."""
+
+    def __init__(self, path: str | os.PathLike, seq_len: int, dtype: str, num_blocks: int):
+        self.path, self.seq_len, self.dtype, self.num_blocks = Path(path), seq_len, dtype, num_blocks
+        self.tokens = np.memmap(self.path, dtype=dtype, mode="r", shape=(num_blocks, seq_len))
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -self.num_blocks <= i < self.num_blocks:
+            raise IndexError(f"block {i} out of range for {self.num_blocks} blocks in {self.path}")
+        return np.asarray(self.tokens[i])  # (n,) view on the map, no copy
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Blocks at ``indices`` as one (len(indices), n) array (a copy)."""
+        return np.asarray(self.tokens[np.asarray(indices, dtype=np.int64)])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(self.num_blocks))
+
+    def __reduce__(self):  # re-open the map in another process instead of pickling the tokens
+        return (BlockSet, (self.path, self.seq_len, self.dtype, self.num_blocks))
+
+    def __repr__(self) -> str:
+        return f"BlockSet({self.path}, blocks={self.num_blocks}, n={self.seq_len}, dtype={self.dtype})"
+
+
+@dataclass
+class PreparedData:
+    """A prepared directory opened for training."""
+
+    root: Path
+    manifest: dict
+    train: BlockSet
+    validation: BlockSet
+
+    @property
+    def tokenizer_path(self) -> Path:
+        path = Path(self.manifest["tokenizer"]["path"])
+        return path if path.is_absolute() else self.root / path
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+
+def _read_manifest(root: Path) -> Optional[dict]:
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise DataError(f"{path} is not valid JSON; the set is damaged, delete {root} and prepare "
+                        f"it again") from None
+
+
+def open_prepared(prepared_dir: str | os.PathLike, seq_len: int,
+                  tokenizer_sha256: Optional[str] = None) -> PreparedData:
+    """Open a prepared set; DataError (one line, both values) when it was made for another n or
+    another tokenizer, or when its files do not match its manifest."""
+    root = Path(prepared_dir)
+    manifest = _read_manifest(root)
+    if manifest is None:
+        raise DataError(f"{root} holds no prepared data (no {MANIFEST_FILE}); run tools/prepare_data.py "
+                        f"with this config, or let training prepare it")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{root} has format version {manifest.get('format_version')}, this code reads "
+                        f"{FORMAT_VERSION}; prepare it again")
+    if int(manifest["seq_len"]) != seq_len:
+        raise DataError(f"{root} was prepared with n={manifest['seq_len']} but model.max_seq_len={seq_len}; "
+                        f"prepare it again for this n (another data.prepared_dir) or train with "
+                        f"n={manifest['seq_len']}")
+    have = manifest["tokenizer"]["sha256"]
+    if tokenizer_sha256 is not None and tokenizer_sha256 != have:
+        raise DataError(f"{root} was tokenized with tokenizer sha256 {have[:12]} but this run's tokenizer "
+                        f"is {tokenizer_sha256[:12]}; use the tokenizer it was prepared with "
+                        f"({manifest['tokenizer']['path']}) or prepare it again")
+    sets = {}
+    for split in SPLITS:
+        info = manifest["splits"][split]
+        path = root / info["file"]
+        want = info["blocks"] * seq_len * np.dtype(manifest["dtype"]).itemsize
+        if not path.is_file() or path.stat().st_size != want:
+            got = path.stat().st_size if path.is_file() else "no file"
+            raise DataError(f"{path} has {got} bytes but the manifest says {want}; the set is damaged, "
+                            f"delete {root} and prepare it again")
+        sets[split] = BlockSet(path, seq_len, manifest["dtype"], info["blocks"])
+    return PreparedData(root, manifest, sets["train"], sets["validation"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------------
+
+
+def _unit_hash(index: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64 of (index + seed) as floats in [0, 1): a fixed coin per document position."""
+    z = index.astype(np.uint64) + np.uint64(seed)
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class _SplitWriter:
+    """Appends ``<s>`` + (n-1) stream tokens per block to one .bin file; keeps the partial row."""
+
+    def __init__(self, path: Path, seq_len: int, dtype: np.dtype):
+        self.path, self.seq_len, self.dtype = path, seq_len, dtype
+        self.file = open(path, "wb")
+        self.carry = np.empty(0, dtype)
+        self.blocks = 0
+        self.documents = 0
+
+    def write(self, stream: np.ndarray) -> None:
+        row = self.seq_len - 1
+        buf = np.concatenate([self.carry, stream]) if self.carry.size else stream
+        k = len(buf) // row
+        if k:
+            blocks = np.empty((k, self.seq_len), self.dtype)
+            blocks[:, 0] = BOS_ID
+            blocks[:, 1:] = buf[: k * row].reshape(k, row)
+            self.file.write(blocks.tobytes())
+            self.blocks += k
+        self.carry = buf[k * row:].copy()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Packer:
+    """Documents in, two .bin files of exactly-n blocks out (see the module docstring)."""
+
+    def __init__(self, out_dir: Path, seq_len: int, dtype: np.dtype, validation_fraction: float,
+                 seed: int = SPLIT_SEED):
+        if seq_len < 2:
+            raise DataError(f"model.max_seq_len={seq_len} is too short: a block holds <s> and at least one token")
+        self.seq_len, self.dtype, self.fraction, self.seed = seq_len, dtype, validation_fraction, seed
+        self.writers = {s: _SplitWriter(out_dir / f"{s}.bin.tmp", seq_len, dtype) for s in SPLITS}
+        self.documents = 0
+        self.empty_documents = 0
+        self.tokens = 0  # document tokens, separators not included
+
+    def add(self, values: np.ndarray, lengths: np.ndarray) -> None:
+        """One batch of documents: their tokens concatenated (``values``) and per-document lengths."""
+        index = np.arange(self.documents, self.documents + len(lengths), dtype=np.uint64)
+        self.documents += len(lengths)
+        nonempty = lengths > 0
+        self.empty_documents += int((~nonempty).sum())
+        self.tokens += int(lengths.sum())
+        is_val = _unit_hash(index, self.seed) < self.fraction
+        for split, chosen in (("train", nonempty & ~is_val), ("validation", nonempty & is_val)):
+            if not chosen.any():
+                continue
+            picked = values[np.repeat(chosen, lengths)]
+            ends = np.cumsum(lengths[chosen])
+            stream = np.insert(picked, ends, np.array(EOS_ID, self.dtype))  # doc </s> doc </s> ...
+            self.writers[split].write(stream)
+            self.writers[split].documents += int(chosen.sum())
+
+    def abort(self) -> None:
+        """Close and delete the partial files (an error or an interrupt on the way)."""
+        for w in self.writers.values():
+            w.close()
+            w.path.unlink(missing_ok=True)
+
+    def finish(self, out_dir: Path, describe: str) -> dict[str, Any]:
+        """Close the files, guarantee one validation block, move them in place; returns the counts."""
+        for w in self.writers.values():
+            w.close()
+        train, val = self.writers["train"], self.writers["validation"]
+        total = self.tokens + train.documents + val.documents  # with separators
+        need = 2 * (self.seq_len - 1)
+        moved = 0
+        if val.blocks == 0 and train.blocks >= 2:
+            # Too few held-out documents for a whole block: hold out the last training block instead.
+            size = self.seq_len * np.dtype(self.dtype).itemsize
+            with open(train.path, "r+b") as f_train, open(val.path, "ab") as f_val:
+                f_train.seek(-size, os.SEEK_END)
+                f_val.write(f_train.read(size))
+                f_train.truncate((train.blocks - 1) * size)
+            train.blocks, val.blocks, moved = train.blocks - 1, 1, 1
+        if train.blocks == 0 or val.blocks == 0:
+            for w in self.writers.values():
+                w.path.unlink(missing_ok=True)
+            if self.tokens == 0:
+                raise DataError(f"{describe} has no text (0 tokens); check data.source, data.paths and "
+                                f"data.text_column")
+            raise DataError(f"{describe} gives {total:,} tokens, fewer than the ~{need:,} needed for two "
+                            f"blocks of n={self.seq_len} (one to train, one to validate); add text or "
+                            f"lower model.max_seq_len")
+        for split, w in self.writers.items():
+            w.path.replace(out_dir / f"{split}.bin")
+        dropped = int(train.carry.size + val.carry.size)
+        return {
+            "documents": {"read": self.documents, "empty_skipped": self.empty_documents,
+                          "train": train.documents, "validation": val.documents},
+            "tokens": {"documents": self.tokens, "separators": train.documents + val.documents,
+                       "dropped_tail": dropped, "bos": train.blocks + val.blocks},
+            "splits": {split: {"file": f"{split}.bin", "blocks": w.blocks, "tokens": w.blocks * self.seq_len}
+                       for split, w in self.writers.items()},
+            "validation_blocks_from_train_tail": moved,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------------------------------
+
+
+class _EncodeBatch:
+    """The function ``datasets.map`` runs in each worker; loads the model once per process."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.sp = None
+
+    def __call__(self, batch: dict) -> dict:
+        if self.sp is None:
+            import sentencepiece as spm
+
+            self.sp = spm.SentencePieceProcessor(model_file=self.model)
+        texts = [t if isinstance(t, str) else "" for t in batch["text"]]
+        return {"ids": self.sp.Encode(texts, out_type=int)}
+
+    def __getstate__(self):
+        return {"model": self.model, "sp": None}
+
+
+def _write_documents(source: Source, path: Path) -> int:
+    """Stream the source's documents into an Arrow IPC file (one ``text`` column); returns the count."""
+    import pyarrow as pa
+
+    schema = pa.schema([("text", pa.large_string())])
+    count = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        batch: list[str] = []
+        size = 0
+        for doc in source.documents():
+            batch.append(doc)
+            size += len(doc)
+            if len(batch) >= DOC_BATCH or size >= BATCH_BYTES:
+                writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
+                count += len(batch)
+                batch, size = [], 0
+        if batch:
+            writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
+            count += len(batch)
+    return count
+
+
+def _token_batches_from_arrow(files: Sequence[str], dtype: np.dtype) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(values, lengths) per record batch of datasets.map's output, read without memory-mapping
+    (mapped pages would count in RSS and grow with the corpus)."""
+    import pyarrow as pa
+
+    for name in files:
+        with pa.OSFile(name, "rb") as f:
+            reader = pa.ipc.open_stream(f)
+            for batch in reader:
+                ids = batch.column(0)
+                offsets = ids.offsets.to_numpy()
+                values = ids.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+                yield values.astype(dtype, copy=False), np.diff(offsets).astype(np.int64)
+
+
+def _token_batches_streaming(source: Source, tok: Tokenizer, dtype: np.dtype,
+                             num_threads: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(values, lengths) per batch of streamed documents, encoded with sentencepiece's threads."""
+    batch: list[str] = []
+    size = 0
+
+    def encode(texts):
+        ids = tok.encode(texts, num_threads=num_threads)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        values = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+        return values, lengths
+
+    for doc in source.documents():
+        batch.append(doc)
+        size += len(doc)
+        if len(batch) >= DOC_BATCH or size >= BATCH_BYTES:
+            yield encode(batch)
+            batch, size = [], 0
+    if batch:
+        yield encode(batch)
+
+
+def _tokenize_and_pack(source: Source, tok: Tokenizer, cfg: "DataConfig", seq_len: int,
+                       out_dir: Path, key: str) -> dict[str, Any]:
+    import datasets
+
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+    work = out_dir / ".work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    timings: dict[str, float] = {}
+    packer = Packer(out_dir, seq_len, dtype, cfg.validation_fraction)
+    try:
+        t0 = time.perf_counter()
+        ds = source.as_dataset()
+        if ds is None and source.kind != "hf":  # local files, builtin: stream to Arrow, then map
+            _write_documents(source, work / "documents.arrow")
+            ds = datasets.Dataset.from_file(str(work / "documents.arrow"))
+        timings["read"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if ds is not None:
+            num_proc = cfg.num_proc if len(ds) >= 2 * DOC_BATCH else 1  # a process per ~nothing costs more
+            feature = datasets.Value("uint16" if dtype == np.uint16 else "uint32")
+            tokenized = ds.map(
+                _EncodeBatch(str(tok.path)), batched=True, batch_size=DOC_BATCH, num_proc=num_proc,
+                remove_columns=ds.column_names, features=datasets.Features({"ids": datasets.List(feature)}),
+                cache_file_name=str(work / "tokens.arrow"), load_from_cache_file=False,
+                new_fingerprint=key[:16], desc=f"tokenizing ({num_proc} proc)")
+            timings["tokenize"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            batches = _token_batches_from_arrow([c["filename"] for c in tokenized.cache_files], dtype)
+        else:  # a streamed HF dataset: never on disk whole, tokenized with sentencepiece's threads
+            batches = _token_batches_streaming(source, tok, dtype, cfg.num_proc)
+        for values, lengths in batches:
+            packer.add(values, lengths)
+        timings["pack" if ds is not None else "tokenize_and_pack"] = time.perf_counter() - t0
+        counts = packer.finish(out_dir, source.description)
+    except BaseException:
+        packer.abort()
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    counts["dtype"] = dtype.name
+    counts["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# ensure_prepared: the one entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def prepared_dir_for(cfg: "DataConfig", run_dir: str | os.PathLike) -> Path:
+    """``data.prepared_dir``, or ``<run_dir>/data`` when unset."""
+    return Path(cfg.prepared_dir) if cfg.prepared_dir else Path(run_dir) / "data"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _first_difference(old: dict, new: dict) -> str:
+    a, b = _flatten(old), _flatten(new)
+    for key in [*b, *(k for k in a if k not in b)]:
+        if a.get(key) != b.get(key):
+            show = lambda v: (s if len(s := json.dumps(v)) <= 70 else s[:67] + "...")  # noqa: E731
+            return f"{key}: {show(a.get(key))} -> {show(b.get(key))}"
+    return "nothing"
+
+
+def _tokenizer_for(cfg: "DataConfig", out: Path, source: Source, vocab_size: int) -> tuple[Path, Optional[str]]:
+    """Where the tokenizer lives and, when it has to be (re)trained, why (None when it can be used)."""
+    if cfg.tokenizer:
+        path = model_path(cfg.tokenizer)
+        if path.is_file():
+            return path, None
+    else:
+        path = out / "tokenizer" / MODEL_FILE
+    if not path.is_file():
+        return path, f"{path} does not exist yet"
+    meta = json.loads(meta_path(path).read_text()) if meta_path(path).is_file() else {}
+    want = {"trained_with": training_spec(cfg, vocab_size), "source_fingerprint": source.fingerprint()}
+    have = {k: meta.get(k) for k in want}
+    if have != json.loads(json.dumps(want)):
+        return path, f"tokenizer settings changed ({_first_difference(have, want)})"
+    return path, None
+
+
+@contextlib.contextmanager
+def _locked(root: Path):
+    """One preparer per directory at a time (two runs sharing data.prepared_dir wait for each other)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_prepared(cfg: "DataConfig", seq_len: int, run_dir: str | os.PathLike, vocab_size: int,
+                    overwrite: bool = False) -> Path:
+    """Prepare ``data`` for blocks of ``seq_len`` tokens, or reuse an identical earlier preparation.
+
+    Trains the tokenizer when ``data.tokenizer`` is unset or missing (vocabulary
+    ``data.tokenizer_vocab_size`` or ``vocab_size``), tokenizes, packs, splits and writes the manifest.
+    Identical inputs (source fingerprint, n, validation fraction, tokenizer sha256) reuse the set; a
+    directory prepared from other inputs is refused, naming the first difference, unless
+    ``overwrite``. Call it on one rank; returns the prepared directory.
+    """
+    out = prepared_dir_for(cfg, run_dir)
+    source = build_source(cfg)
+    train_vocab = int(cfg.tokenizer_vocab_size or vocab_size)
+    with _locked(out):
+        manifest = _read_manifest(out)
+        tok_path, retrain = _tokenizer_for(cfg, out, source, train_vocab)
+        if manifest is not None and retrain and not overwrite:
+            raise DataError(f"{out} was prepared with tokenizer {manifest['tokenizer']['sha256'][:12]} but "
+                            f"this config trains a new one ({retrain}); delete {out}, prepare with "
+                            f"--overwrite, or set data.prepared_dir to another directory")
+        t0 = time.perf_counter()
+        if retrain:
+            log.info("training a %s tokenizer (%d pieces) on %s: %s", cfg.tokenizer_type, train_vocab,
+                     source.description, retrain)
+            train_tokenizer(cfg, tok_path, train_vocab, source=source)
+        tok_seconds = time.perf_counter() - t0
+        tok = load_tokenizer(tok_path)
+        if tok.vocab_size > vocab_size:
+            raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but model.vocab_size="
+                            f"{vocab_size}; raise model.vocab_size to at least {tok.vocab_size} or use a "
+                            f"smaller tokenizer")
+        inputs = {"format_version": FORMAT_VERSION, "seq_len": int(seq_len),
+                  "validation_fraction": float(cfg.validation_fraction), "split_seed": SPLIT_SEED,
+                  "tokenizer_sha256": tok.sha256, "source": source.fingerprint()}
+        inputs = json.loads(json.dumps(inputs))  # tuples -> lists, as they read back
+        if manifest is not None:
+            if manifest.get("inputs") == inputs:
+                open_prepared(out, seq_len, tok.sha256)  # files intact?
+                log.info("reusing prepared data in %s (%s blocks of n=%d)", out,
+                         manifest["splits"]["train"]["blocks"], seq_len)
+                return out
+            if not overwrite:
+                raise DataError(f"{out} holds data prepared from other inputs "
+                                f"({_first_difference(manifest.get('inputs', {}), inputs)}); delete it, "
+                                f"prepare with --overwrite, or set data.prepared_dir to another directory")
+        for name in (MANIFEST_FILE, "train.bin", "validation.bin"):
+            (out / name).unlink(missing_ok=True)
+        log.info("preparing %s -> %s (n=%d)", source.description, out, seq_len)
+        t0 = time.perf_counter()
+        counts = _tokenize_and_pack(source, tok, cfg, seq_len, out, hashlib.sha256(
+            json.dumps(inputs, sort_keys=True).encode()).hexdigest())
+        seconds = time.perf_counter() - t0
+        try:
+            tok_rel = str(tok.path.resolve().relative_to(out.resolve()))
+        except ValueError:
+            tok_rel = str(tok.path.resolve())
+        import datasets
+        import sentencepiece
+
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "inputs": inputs,
+            "seq_len": int(seq_len),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"description": source.description, "stats": source.stats.as_dict()},
+            "tokenizer": {"path": tok_rel, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                          "special_ids": tok.special_ids, "trained_seconds": round(tok_seconds, 2) if retrain else None},
+            **counts,
+            "tokens_per_second": round((counts["tokens"]["documents"]) / max(seconds, 1e-9)),
+            "total_seconds": round(seconds, 2),
+            "versions": {"python": sys.version.split()[0], "datasets": datasets.__version__,
+                         "sentencepiece": sentencepiece.__version__, "numpy": np.__version__},
+        }
+        tmp = out / (MANIFEST_FILE + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(out / MANIFEST_FILE)
+        return out
+
+
+def summarize(manifest: dict) -> str:
+    """A few lines about a prepared set, for CLIs and logs."""
+    tr, va = manifest["splits"]["train"], manifest["splits"]["validation"]
+    docs, toks = manifest["documents"], manifest["tokens"]
+    lines = [
+        f"source: {manifest['source']['description']}",
+        f"tokenizer: {manifest['tokenizer']['path']} ({manifest['tokenizer']['vocab_size']} pieces, "
+        f"sha256 {manifest['tokenizer']['sha256'][:12]})",
+        f"documents: {docs['read']:,} read, {docs['train']:,} train, {docs['validation']:,} validation, "
+        f"{docs['empty_skipped']:,} empty skipped",
+        f"tokens: {toks['documents']:,} in documents, {toks['dropped_tail']:,} dropped in partial last "
+        f"blocks; {manifest['tokens_per_second']:,} tokens/s",
+        f"blocks of n={manifest['seq_len']}: {tr['blocks']:,} train, {va['blocks']:,} validation "
+        f"({manifest['dtype']})",
+    ]
+    problems = {k: v for k, v in manifest["source"]["stats"].items()
+                if k in ("empty_files", "undecodable_lines", "invalid_json_lines", "missing_text",
+                         "split_documents") and v}
+    if problems:
+        first = manifest["source"]["stats"].get("first", {})
+        lines.append("bad input: " + ", ".join(
+            f"{v:,} {k.replace('_', ' ')}" + (f" (first: {first[k]})" if k in first else "")
+            for k, v in problems.items()))
+    return "\n".join(lines)
