@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""How low-rank is your model's attention? Spectra per layer and head, and a per-layer k schedule.
+
+Subcommands (docs/SPECTRUM.md has the walk-through and a study):
+  measure    run a model on n-token samples, collect the singular values of every layer's and head's
+             softmax attention, write spectrum.json/.npz, two plots and a k schedule YAML
+  recommend  a k schedule from an earlier measurement, with another share, quantile, multiple or total
+  compare    loss curves of pretraining runs side by side (from their metrics.jsonl)
+
+Examples:
+  python tools/spectrum.py measure runs/full/model --data runs/full/data -n 256 --samples 32 \\
+      --share 0.9 --multiple-of 16 --out runs/full/spectrum
+  python tools/spectrum.py measure runs/full --data builtin -n 256       # a run's DeepSpeed checkpoint
+  python tools/spectrum.py recommend runs/full/spectrum --share 0.95 --total 256
+  python tools/spectrum.py compare runs/uniform runs/schedule --labels uniform schedule --out loss.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+
+from linformer_train.cli import make_parser, run_main  # noqa: E402
+
+
+def _share(text: str) -> float:
+    from linformer_train.spectrum import SpectrumError
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise SpectrumError(f"--share {text!r} is not a number; give a share in (0, 1), e.g. 0.9") from None
+    if not 0.0 < value < 1.0 or math.isnan(value):
+        raise SpectrumError(f"--share {text} must lie strictly between 0 and 1 (e.g. 0.9)")
+    return value
+
+
+def _schedule_args(p) -> None:
+    g = p.add_argument_group("recommendation")
+    g.add_argument("--share", default="0.9",
+                   help="share of the normalised cumulative spectrum the rank must reach (default 0.9)")
+    g.add_argument("--quantile", type=float, default=0.9,
+                   help="k covers each head on this share of the samples (default 0.9)")
+    g.add_argument("--multiple-of", type=int, default=16,
+                   help="round every k up to a multiple of this (hardware-friendly: 16, 64)")
+    g.add_argument("--no-monotone", action="store_true",
+                   help="allow k to grow with depth (default: non-increasing, each layer >= the next)")
+    g.add_argument("--total", type=int, default=None,
+                   help="rescale the schedule to this sum of k over layers (the budget of a uniform "
+                        "k = total / layers: same E/F parameters and FLOPs)")
+
+
+def _recommend_and_write(result, args, out_dir: Path, base_model: dict | None) -> str:
+    from linformer_train.spectrum import check_schedule_yaml, recommend_k, schedule_yaml
+
+    share = _share(args.share)
+    sched = recommend_k(result, share, args.quantile, args.multiple_of,
+                        monotone=not args.no_monotone, total=args.total)
+    text = schedule_yaml(sched, result.num_layers)
+    cfg = check_schedule_yaml(text, base_model)  # load_config must accept it, alone and layered
+    if cfg.model.k != sched.k:
+        raise RuntimeError(f"the loader read k={cfg.model.k} back from a snippet holding {sched.k}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "k_schedule.yaml").write_text(text)
+    (out_dir / "k_schedule.json").write_text(json.dumps(sched.as_dict(), indent=1))
+    return text
+
+
+def _print_table(result, share: float, sched_k=None) -> None:
+    rows = result.summary(share)
+    lin = result.linformer_rel_error is not None
+    head = (f"{'layer':>5} {'model k':>7} | rank for {share:g} of spectrum: {'median':>6} {'p90':>6} "
+            f"{'max':>6} | {'eff.rank':>8}")
+    if lin:
+        head += f" | {'lin vs full: rel.err':>20} {'cos':>6}"
+    if sched_k:
+        head += f" | {'k':>5}"
+    print(head)
+    for i, r in enumerate(rows):
+        line = (f"{r['layer']:>5} {r['model_k']:>7} | {'':>25}{r['rank_needed_median']:>6.0f} "
+                f"{r['rank_needed_p90']:>6.0f} {r['rank_needed_max']:>6.0f} | "
+                f"{r['effective_rank_mean']:>8.1f}")
+        if lin:
+            line += f" | {r['linformer_rel_error_mean']:>20.3f} {r['linformer_cosine_mean']:>6.3f}"
+        if sched_k:
+            line += f" | {sched_k[i]:>5}"
+        print(line)
+
+
+def cmd_measure(args) -> int:
+    import torch
+
+    from linformer_train.spectrum import (SHARE_GRID, SpectrumError, load_model, load_samples,
+                                          measure_spectrum, plot_cumulative, plot_rank_heatmap)
+
+    share = _share(args.share)
+    if args.samples < 1:
+        raise SpectrumError(f"--samples {args.samples} must be at least 1")
+    loaded = load_model(args.model)
+    mcfg = loaded.model_cfg
+    n = args.seq_len or mcfg.max_seq_len
+    if not 2 <= n <= mcfg.max_seq_len:
+        raise SpectrumError(f"-n {n} must lie in [2, model.max_seq_len={mcfg.max_seq_len}]")
+    tokenizer = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
+    samples, data_desc, tok_used = load_samples(args.data, n, args.samples, tokenizer,
+                                                split=args.split, seed=args.seed,
+                                                max_tokens=args.max_tokens)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"model: {loaded.description} ({mcfg.num_layers} layers x {mcfg.num_heads} heads, "
+          f"attention={mcfg.attention}, n={mcfg.max_seq_len})", flush=True)
+    print(f"data:  {data_desc}", flush=True)
+
+    def progress(done: int, seconds: float) -> None:
+        if done == 1 or done % max(1, len(samples) // 10) == 0 or done == len(samples):
+            print(f"  {done}/{len(samples)} samples, {seconds:.1f} s", flush=True)
+
+    svd_dtype = {"float32": torch.float32, "float64": torch.float64}[args.svd_dtype]
+    result = measure_spectrum(
+        loaded.model, samples, shares=sorted(set(SHARE_GRID) | {share}), svd_dtype=svd_dtype,
+        compare_linformer=not args.no_compare, memory_budget_bytes=args.memory_budget_mib << 20,
+        progress=progress,
+        info={"model": loaded.description, "data": data_desc,
+              "tokenizer": str(tok_used) if tok_used else None, "seed": args.seed})
+    out = Path(args.out)
+    js, npz = result.save(out, share)
+    text = _recommend_and_write(result, args, out, dataclasses.asdict(mcfg))
+    cum = plot_cumulative(result, out / "spectrum_cumulative.png", share)
+    heat = plot_rank_heatmap(result, out / "spectrum_rank_heatmap.png", share)
+    import yaml
+
+    k = yaml.safe_load(text)["model"]["k"]
+    print()
+    _print_table(result, share, k)
+    print(f"\nrecommended schedule (checked with load_config):\n{text}")
+    print(f"wrote {js}, {npz}, {cum}, {heat}, {out / 'k_schedule.yaml'}")
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    from linformer_train.spectrum import SpectrumResult
+
+    result = SpectrumResult.load(args.spectrum)
+    share = _share(args.share)
+    out = Path(args.out) if args.out else Path(args.spectrum)
+    text = _recommend_and_write(result, args, out, None)
+    import yaml
+
+    _print_table(result, share, yaml.safe_load(text)["model"]["k"])
+    print(f"\n{text}")
+    print(f"wrote {out / 'k_schedule.yaml'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from linformer_train.spectrum import SpectrumError, plot_loss_curves, read_metrics
+
+    labels = args.labels or [Path(r).name for r in args.runs]
+    if len(labels) != len(args.runs):
+        raise SpectrumError(f"--labels has {len(labels)} names for {len(args.runs)} runs; give one each")
+    print(f"{'run':<24} {'steps':>6} {'train loss (last ' + str(args.last) + ' logs)':>28} "
+          f"{'val loss':>9} {'val acc':>8}")
+    for label, run in zip(labels, args.runs):
+        m = read_metrics(run)
+        train = [r for r in m.get("train", []) if r.get("loss") is not None]
+        evals = m.get("eval", [])
+        tail = [r["loss"] for r in train[-args.last:]]
+        last_eval = evals[-1] if evals else {}
+        print(f"{label:<24} {train[-1]['step'] if train else 0:>6} "
+              f"{(sum(tail) / len(tail)) if tail else float('nan'):>28.4f} "
+              f"{last_eval.get('loss', float('nan')):>9.4f} {last_eval.get('accuracy', float('nan')):>8.4f}")
+    if args.out:
+        path = plot_loss_curves(list(zip(labels, args.runs)), args.out, title=args.title)
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv) -> int:
+    parser = make_parser("spectrum", "Attention spectra per layer and head, and a per-layer k schedule.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("measure", help="measure spectra and recommend k")
+    m.add_argument("model", help="model directory (model.safetensors + config.yaml + tokenizer, "
+                                 "also a RoBERTa warm start) or a run's DeepSpeed checkpoint")
+    m.add_argument("--data", nargs="+", required=True, metavar="SRC",
+                   help="a prepared data directory, 'builtin' (the sample corpus), or text/JSONL/"
+                        "Parquet files, globs or directories")
+    m.add_argument("-n", "--seq-len", type=int, default=None, help="sequence length (default: the model's n)")
+    m.add_argument("--samples", type=int, default=32, help="sequences to measure (default 32)")
+    m.add_argument("--split", default="validation", help="prepared data: train | validation")
+    m.add_argument("--tokenizer", default=None, help="for text data when the model has none")
+    m.add_argument("--max-tokens", type=int, default=5_000_000,
+                   help="text data: read at most this many tokens to draw samples from")
+    m.add_argument("--seed", type=int, default=0, help="text data: which blocks are drawn")
+    m.add_argument("--svd-dtype", default="float32", choices=["float32", "float64"])
+    m.add_argument("--memory-budget-mib", type=int, default=512,
+                   help="(n, n) matrices held at once, per layer (default 512 MiB)")
+    m.add_argument("--no-compare", action="store_true",
+                   help="Linformer models: skip the comparison with full attention of the same weights")
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    m.add_argument("--out", default="spectrum", help="output directory (default ./spectrum)")
+    _schedule_args(m)
+    m.set_defaults(func=cmd_measure)
+
+    r = sub.add_parser("recommend", help="a k schedule from an earlier measurement")
+    r.add_argument("spectrum", help="directory with spectrum.json and spectrum.npz")
+    r.add_argument("--out", default=None, help="where k_schedule.yaml goes (default: the spectrum directory)")
+    _schedule_args(r)
+    r.set_defaults(func=cmd_recommend)
+
+    c = sub.add_parser("compare", help="loss curves of runs side by side")
+    c.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
+    c.add_argument("--labels", nargs="+", default=None)
+    c.add_argument("--out", default=None, help="PNG to write")
+    c.add_argument("--title", default=None)
+    c.add_argument("--last", type=int, default=5, help="train logs averaged for the final train loss")
+    c.set_defaults(func=cmd_compare)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
