@@ -27,6 +27,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError, UsageError]
     for module, name in [("linformer_train.data", "DataError"),
                          ("linformer_train.train.checkpoint", "CheckpointError"),
+                         ("linformer_train.convert", "ConversionError"),
                          ("linformer_train.model.attention", "SequenceTooLongError")]:
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))

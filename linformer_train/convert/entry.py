@@ -1,0 +1,115 @@
+"""The command line behind tools/convert.py: export, resize, warm-start, inspect."""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from linformer_train.cli import UsageError, make_parser
+
+USAGE = """\
+  export      CHECKPOINT OUT   a DeepSpeed checkpoint (step dir, checkpoints dir or run dir) -> model dir
+  resize      MODEL OUT model.max_seq_len=N [model.k=K]   new n and per-layer k
+  warm-start  HF_DIR OUT --tokenizer TOK [model.key=value ...]   RoBERTa/BERT -> Linformer
+  inspect     MODEL            print what a model directory holds
+"""
+
+
+def _model_overrides(items: Sequence[str], allowed: Sequence[str]) -> dict:
+    """``model.k=64`` style overrides -> {"k": 64}; values parsed as YAML (ints, lists, dicts)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"override {item!r} is not key=value (e.g. model.max_seq_len=4096)")
+        name = key[len("model."):] if key.startswith("model.") else None
+        if name not in allowed:
+            raise UsageError(f"{key} cannot be set here; choose among "
+                             f"{', '.join('model.' + a for a in allowed)}")
+        try:
+            out[name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UsageError(f"{key}={value!r} is not a valid value") from None
+    return out
+
+
+def convert(argv: Sequence[str]) -> int:
+    parser = make_parser("convert", "Export, resize and warm-start Linformer model directories.\n" + USAGE)
+    sub = parser.add_subparsers(dest="command", metavar="{export,resize,warm-start,inspect}")
+    sub.required = True
+
+    p = sub.add_parser("export", help="DeepSpeed checkpoint -> model directory")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--tokenizer", help="tokenizer.model or its directory (default: the run's)")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("resize", help="change n (max_seq_len) and k")
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("overrides", nargs="+", metavar="model.key=value")
+    p.add_argument("--positions", choices=("interpolate", "copy"), default="interpolate")
+    p.add_argument("--projection-scaling", choices=("sqrt", "linear", "none"), default="sqrt")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("warm-start", help="local RoBERTa/BERT directory -> Linformer model directory")
+    p.add_argument("hf_dir")
+    p.add_argument("out")
+    p.add_argument("--tokenizer", required=True, help="this project's tokenizer.model (or its directory)")
+    p.add_argument("overrides", nargs="*", metavar="model.key=value")
+    p.add_argument("--positions", choices=("copy", "interpolate"), default="copy")
+    p.add_argument("--min-vocab-coverage", type=float, default=1.0)
+    p.add_argument("--init-head", action="store_true", help="start a fresh MLM head if the model has none")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("inspect", help="print a model directory's description")
+    p.add_argument("model")
+
+    args = parser.parse_args(argv)
+
+    if args.command == "export":
+        from linformer_train.convert.export import export_checkpoint
+
+        out = export_checkpoint(args.checkpoint, args.out, args.dtype, args.tokenizer, args.overwrite)
+    elif args.command == "resize":
+        from linformer_train.convert.resize import resize_model_dir
+
+        ov = _model_overrides(args.overrides, ("max_seq_len", "k"))
+        if "max_seq_len" not in ov:
+            raise UsageError("resize needs model.max_seq_len=N (and optionally model.k=K)")
+        out = resize_model_dir(args.model, args.out, ov["max_seq_len"], ov.get("k"), args.positions,
+                               args.projection_scaling, args.dtype, args.overwrite, args.seed)
+    elif args.command == "warm-start":
+        from linformer_train.convert.hf import USER_FIELDS, warm_start
+
+        out = warm_start(args.hf_dir, args.out, args.tokenizer,
+                         _model_overrides(args.overrides, USER_FIELDS), args.positions,
+                         args.min_vocab_coverage, args.init_head, args.dtype, args.overwrite, args.seed)
+    else:
+        return _inspect(args.model)
+    print(f"wrote {out}", flush=True)
+    return _inspect(out)
+
+
+def _inspect(path) -> int:
+    from linformer_train.config import k_schedule
+    from linformer_train.convert.model_dir import load_model_info, read_model_config
+
+    info = load_model_info(path)
+    cfg = read_model_config(path)
+    ks = k_schedule(cfg) if cfg.attention == "linformer" else None
+    print(f"{path}: {info['architecture']} | {cfg.num_layers} x {cfg.hidden_size} ({cfg.num_heads} heads) | "
+          f"n={cfg.max_seq_len} | attention={cfg.attention}"
+          + (f" k={ks} sharing={cfg.sharing} projection={cfg.projection}" if ks else "")
+          + f" | vocab {cfg.vocab_size} | {info['num_parameters']:,} parameters | {info['dtype']}")
+    if info.get("labels"):
+        print(f"labels: {info['labels']}")
+    print(f"source: {json.dumps(info.get('source'), default=str)}")
+    return 0

@@ -1,0 +1,149 @@
+"""Change a model's n (max_seq_len) and per-layer k after training.
+
+Positions (n, D): longer n interpolates the learned table linearly along the position axis
+(``positions="interpolate"``, the default) or tiles it (``"copy"``: position i takes row i mod n,
+what Longformer did to stretch RoBERTa's 512 positions; local order stays sharp, the ends repeat).
+Shorter n keeps the first n' rows, which are exactly the rows inputs of length <= n' used.
+
+Linear projections E, F ((k, n), or (H, k, n) with sharing=none):
+
+- columns (the sequence axis) are interpolated linearly from n to n' and scaled by
+  ``projection_scaling``: ``sqrt`` (default) multiplies by sqrt(n / n'). A slot of E·K sums n' terms
+  instead of n; for tokens whose keys are not correlated its variance grows with the number of
+  terms, so sqrt(n / n') keeps E·K at its old magnitude, and an E drawn at the init's std 1/sqrt(n)
+  comes out with exactly the std 1/sqrt(n') a fresh init at n' would have. ``linear`` multiplies
+  by n / n' (keeps E·K for a stretched input, each token repeated n'/n times: the Riemann-sum view);
+  ``none`` leaves the values as interpolated.
+- shrinking n keeps the first n' columns times sqrt(n / n') (for short_input_scaling=sqrt; n / n'
+  for length, 1 for none): then every input of length <= n' gives exactly the outputs it gave
+  before, since the model already read only those columns, rescaled by the same rule.
+- rows (the k slots): the first min(k, k') rows are kept; new rows are drawn like a fresh init,
+  N(0, 1/n'). Slots have no order, so nothing is interpolated across them. With layerwise sharing
+  the one (k_max, n) matrix is resized the same way and layer l keeps reading its first k_l rows.
+
+Mean pooling has no weights (n' must divide by each k'). A strided convolution (kernel = stride =
+n / k) keeps its weights only when n' / k' equals n / k; anything else is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linformer_train.config import ConfigError, ModelConfig, config_from_dict, k_schedule
+from linformer_train.convert import ConversionError
+from linformer_train.convert.model_dir import (architecture_of, build_model, check_output_dir,
+                                               from_pretrained, load_model_info, save_pretrained,
+                                               to_dict_model, tokenizer_file)
+
+POSITION_METHODS = ("interpolate", "copy")
+PROJECTION_SCALINGS = ("sqrt", "linear", "none")
+
+
+def extend_positions(weight: torch.Tensor, n_new: int, method: str = "interpolate") -> torch.Tensor:
+    """(n, D) position table -> (n_new, D) (see the module docstring)."""
+    n, _ = weight.shape
+    if n_new <= n:
+        return weight[:n_new].clone()
+    if method == "copy":
+        reps = math.ceil(n_new / n)
+        return weight.repeat(reps, 1)[:n_new].clone()
+    if method == "interpolate":
+        x = weight.t().unsqueeze(0).float()                             # (1, D, n)
+        y = F.interpolate(x, size=n_new, mode="linear", align_corners=True)  # (1, D, n_new)
+        return y.squeeze(0).t().contiguous().to(weight.dtype)           # (n_new, D)
+    raise ConversionError(f"positions={method!r} is unknown; choose one of {', '.join(POSITION_METHODS)}")
+
+
+def resize_projection(weight: torch.Tensor, fresh: torch.Tensor, scaling: str,
+                      short_input_scaling: str) -> torch.Tensor:
+    """E (.., k, n) -> the shape of ``fresh`` (.., k', n'); rows beyond k come from ``fresh``."""
+    n, n_new = weight.shape[-1], fresh.shape[-1]
+    k, k_new = weight.shape[-2], fresh.shape[-2]
+    if n_new >= n:
+        lead = weight.shape[:-1]
+        x = weight.reshape(-1, 1, n).float()                            # (rows, 1, n)
+        y = F.interpolate(x, size=n_new, mode="linear", align_corners=True) if n_new > n else x
+        y = y.reshape(*lead, n_new)                                     # (.., k, n_new)
+        factor = {"sqrt": math.sqrt(n / n_new), "linear": n / n_new, "none": 1.0}[scaling]
+    else:
+        y = weight[..., :n_new].float()
+        factor = {"sqrt": math.sqrt(n / n_new), "length": n / n_new, "none": 1.0}[short_input_scaling]
+    y = y * factor
+    out = fresh.clone().float()
+    keep = min(k, k_new)
+    out[..., :keep, :] = y[..., :keep, :]
+    return out.to(weight.dtype)
+
+
+def _is_linear_projection(key: str) -> bool:
+    return key.endswith(("proj_k.weight", "proj_v.weight")) or key == "encoder.shared_projection.weight"
+
+
+def resize_model(model: nn.Module, max_seq_len: int, k: Any = None, positions: str = "interpolate",
+                 projection_scaling: str = "sqrt", seed: int = 0) -> nn.Module:
+    """A new model at n=max_seq_len (and k, if given) carrying ``model``'s weights over."""
+    if positions not in POSITION_METHODS:
+        raise ConversionError(f"positions={positions!r} is unknown; choose one of {', '.join(POSITION_METHODS)}")
+    if projection_scaling not in PROJECTION_SCALINGS:
+        raise ConversionError(f"projection scaling {projection_scaling!r} is unknown; choose one of "
+                              f"{', '.join(PROJECTION_SCALINGS)}")
+    old_cfg: ModelConfig = model.cfg
+    raw = to_dict_model(old_cfg)
+    raw["max_seq_len"] = max_seq_len
+    if k is not None:
+        raw["k"] = k
+    try:
+        new_cfg = config_from_dict({"model": raw}).model
+    except ConfigError as exc:
+        raise ConversionError(f"resize: {exc}") from None
+    if old_cfg.projection == "conv" and old_cfg.attention == "linformer":
+        old_w = [old_cfg.max_seq_len // kk for kk in k_schedule(old_cfg)]
+        new_w = [new_cfg.max_seq_len // kk for kk in k_schedule(new_cfg)]
+        if old_w != new_w:
+            raise ConversionError(
+                f"projection=conv has kernel = stride = n / k = {old_w}; the new n and k give {new_w}. "
+                f"Keep n / k per layer (e.g. k={[max_seq_len // w for w in old_w]}) or the learned "
+                f"kernels cannot carry over")
+    torch.manual_seed(seed)  # the fresh rows of a larger k
+    new = build_model(new_cfg, architecture_of(model))
+    old_state = model.state_dict()
+    fresh = new.state_dict()
+    if set(old_state) != set(fresh):
+        diff = sorted(set(old_state) ^ set(fresh))
+        raise ConversionError(f"resize changed the model's key set ({diff[:3]}); this is a bug")
+    state = {}
+    for key, target in fresh.items():
+        w = old_state[key]
+        if key == "encoder.positions.weight":
+            state[key] = extend_positions(w, max_seq_len, positions)
+        elif _is_linear_projection(key) and (w.shape != target.shape or max_seq_len != old_cfg.max_seq_len):
+            state[key] = resize_projection(w, target, projection_scaling, old_cfg.short_input_scaling)
+        else:
+            if w.shape != target.shape:
+                raise ConversionError(f"resize: {key} changes shape {tuple(w.shape)} -> "
+                                      f"{tuple(target.shape)}, which resize does not handle")
+            state[key] = w
+    new.load_state_dict(state, strict=True)
+    return new.train(model.training)
+
+
+def resize_model_dir(src: str | os.PathLike, out_dir: str | os.PathLike, max_seq_len: int,
+                     k: Any = None, positions: str = "interpolate", projection_scaling: str = "sqrt",
+                     dtype: Optional[str] = None, overwrite: bool = False, seed: int = 0):
+    check_output_dir(out_dir, overwrite)
+    info = load_model_info(src)
+    model = from_pretrained(src)
+    old = model.cfg
+    new = resize_model(model, max_seq_len, k, positions, projection_scaling, seed)
+    source = {"kind": "resize", "from": str(os.path.abspath(src)), "from_max_seq_len": old.max_seq_len,
+              "from_k": old.k, "positions": positions, "projection_scaling": projection_scaling,
+              "previous": info.get("source")}
+    return save_pretrained(new, out_dir, tokenizer=tokenizer_file(src), dtype=dtype or info["dtype"],
+                           labels=info.get("labels"), task=info.get("task"), source=source,
+                           overwrite=overwrite)
