@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Tokenize and pack a corpus into n-token blocks for pretraining (what training would do first).
+
+Runs the same ensure_prepared() that training calls on rank 0: trains the tokenizer if needed,
+tokenizes in data.num_proc processes, packs blocks of model.max_seq_len tokens into
+<prepared_dir>/{train,validation}.bin and writes manifest.json. Re-running with the same inputs reuses
+the result; a directory prepared from other inputs is refused unless --overwrite.
+
+Examples:
+  python tools/prepare_data.py --config configs/tiny.yaml
+  python tools/prepare_data.py --config configs/base-4096.yaml --source files --paths corpus/ \\
+      --out data/corpus-4096 --num-proc 8
+  python tools/prepare_data.py --config configs/base-512.yaml --source hf --hf-name wikitext \\
+      --hf-config wikitext-103-raw-v1 --streaming
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+
+from linformer_train.cli import make_parser, run_main  # noqa: E402
+
+
+def main(argv: Sequence[str]) -> int:
+    from linformer_train.data.corpus import add_source_flags, source_overrides
+
+    parser = make_parser("prepare_data", __doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", default=[], metavar="YAML",
+                        help="config file (repeatable; later files override earlier ones)")
+    parser.add_argument("--out", metavar="DIR", help="data.prepared_dir (default <train.run_dir>/data)")
+    parser.add_argument("--seq-len", type=int, metavar="N", help="model.max_seq_len: tokens per block")
+    parser.add_argument("--tokenizer", metavar="PATH", help="data.tokenizer: an existing .model or its "
+                        "directory (trained here when unset)")
+    parser.add_argument("--num-proc", type=int, metavar="P", help="data.num_proc: tokenizing processes")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a set prepared from other inputs instead of refusing")
+    add_source_flags(parser)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    args = parser.parse_args(argv)
+
+    from linformer_train.config import load_config
+    from linformer_train.data.prepare import ensure_prepared, open_prepared, summarize
+
+    flags = source_overrides(args)
+    for value, key in ((args.out, "data.prepared_dir"), (args.seq_len, "model.max_seq_len"),
+                       (args.tokenizer, "data.tokenizer"), (args.num_proc, "data.num_proc")):
+        if value is not None:
+            flags.append(f"{key}={json.dumps(value)}")
+    cfg = load_config(args.config, [*flags, *args.overrides])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    root = ensure_prepared(cfg.data, cfg.model.max_seq_len, cfg.train.run_dir, cfg.model.vocab_size,
+                           overwrite=args.overwrite)
+    prepared = open_prepared(root, cfg.model.max_seq_len)
+    print(f"prepared data in {root}")
+    print(summarize(prepared.manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
