@@ -1,0 +1,66 @@
+"""Shared fixtures: one small prepared corpus for every training test, and subprocess helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A small, fast model and corpus; every training test starts from these overrides.
+TINY = [
+    "model.preset=tiny", "model.vocab_size=512", "model.max_seq_len=64", "model.k=16",
+    "data.source=builtin", "data.max_documents=1500", "data.tokenizer_vocab_size=512",
+    "data.validation_fraction=0.05", "data.num_proc=1",
+    "train.micro_batch_size=8", "train.eval_batches=2", "train.peak_tflops=1.0",
+    "optim.lr=3e-3", "optim.warmup_steps=5", "logging.log_every=1", "logging.tensorboard=false",
+    "precision.dtype=fp32",
+]
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> Path:
+    """Tokenizer + packed blocks made once per session; tests point data.prepared_dir at it."""
+    from linformer_train.config import load_config
+    from linformer_train.data.prepare import ensure_prepared
+
+    root = tmp_path_factory.mktemp("prepared")
+    cfg = load_config([], TINY + [f"data.prepared_dir={root / 'data'}"])
+    return Path(ensure_prepared(cfg.data, cfg.model.max_seq_len, root, cfg.model.vocab_size))
+
+
+def tiny_overrides(prepared_data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return TINY + [f"data.prepared_dir={prepared_data}", f"train.run_dir={run_dir}", *extra]
+
+
+def run_cli(args: list[str], timeout: float = 300, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=full_env, **kw)
+
+
+def pretrain(overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_cli([sys.executable, "launch/pretrain.py", *overrides], timeout=timeout)
+
+
+def deepspeed_run(script: str, args: list[str], ranks: int = 2, timeout: float = 300):
+    return run_cli([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+                    "--master_port", str(_free_port()), script, *args], timeout=timeout)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == split]

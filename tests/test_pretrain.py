@@ -1,0 +1,132 @@
+"""End-to-end pretraining through launch/pretrain.py: learning, exact resume, preemption, crashes
+mid-save, bad input; and 2 CPU ranks under the deepspeed launcher for ZeRO 1, 2 and 3."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, deepspeed_run, pretrain, read_metrics, run_cli, tiny_overrides
+from linformer_train.train.checkpoint import CheckpointManager, verify_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def test_loss_falls_and_everything_is_written(prepared_data, tmp_path):
+    run = tmp_path / "run"
+    res = pretrain(tiny_overrides(prepared_data, run, "train.max_steps=60", "train.eval_every=30",
+                                  "checkpoint.save_every=30", "logging.tensorboard=true"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    losses = [r["loss"] for r in read_metrics(run)]
+    assert len(losses) == 60
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    evals = read_metrics(run, "eval")
+    assert [e["step"] for e in evals] == [30, 60] and evals[1]["loss"] < evals[0]["loss"]
+    row = read_metrics(run)[-1]
+    for key in ("accuracy", "perplexity", "lr", "tokens_per_s", "samples_per_s", "mfu",
+                "peak_memory_gib", "data_wait_fraction"):
+        assert row[key] is not None and row[key] >= 0, key
+    assert (run / "config.yaml").is_file() and list((run / "tensorboard").iterdir())
+    manager = CheckpointManager(run / "checkpoints", keep_last=3)
+    assert manager.latest().name == "step_00000060"
+    assert [p.name for p in manager.complete_checkpoints()] == ["step_00000030", "step_00000060"]
+    assert "step      60/60 | loss" in res.stdout
+
+
+def test_resume_is_bit_exact(prepared_data, tmp_path):
+    # dropout on, so the restored RNG state matters too
+    common = ["train.max_steps=16", "train.eval_every=0", "checkpoint.save_every=0",
+              "model.dropout=0.1", "model.attention_dropout=0.1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert pretrain(tiny_overrides(prepared_data, straight, *common)).returncode == 0
+    first = pretrain(tiny_overrides(prepared_data, split, *common, "train.stop_after=7"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = pretrain(tiny_overrides(prepared_data, split, *common) + ["--resume"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "step_00000007" in second.stdout
+    a = [(r["step"], r["loss"], r["accuracy"]) for r in read_metrics(straight)]
+    b = [(r["step"], r["loss"], r["accuracy"]) for r in read_metrics(split)]
+    assert [s for s, _, _ in b] == list(range(1, 17))
+    assert a == b  # to the bit: JSON floats round-trip exactly
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared_data, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "launch/pretrain.py",
+            *tiny_overrides(prepared_data, run, "train.max_steps=100000", "train.eval_every=0",
+                            "checkpoint.save_every=0")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    latest = CheckpointManager(run / "checkpoints", 3).latest()
+    steps = [r["step"] for r in read_metrics(run)]
+    assert latest is not None and int(latest.name.split("_")[1]) >= steps[-1] >= 3
+    assert "stop requested: saving a checkpoint" in out
+
+
+@pytest.mark.parametrize("stage", ["files_written", "before_latest"])
+def test_kill_during_save_keeps_previous_checkpoint(prepared_data, tmp_path, stage):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(prepared_data, run, "train.max_steps=6", "train.eval_every=0",
+                               "checkpoint.save_every=3")
+    res = run_cli([sys.executable, "tests/helpers/crash_during_save.py", stage, "2", *overrides])
+    assert res.returncode == 17, res.stderr[-3000:]
+    manager = CheckpointManager(run / "checkpoints", 3)
+    assert manager.latest().name == "step_00000003"
+    verify_checkpoint(manager.latest())
+    again = pretrain(overrides + ["--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "step_00000003" in again.stdout and manager.latest().name == "step_00000006"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.k=4096"], "error: model.k for layer 0 is 4096 > model.max_seq_len=64; k must not exceed n"),
+    (["train.micro_batch_size=two"], "error: config: train.micro_batch_size: Value 'two' of type 'str' "
+                                     "could not be converted to Integer"),
+    (["checkpoint.resume=/nonexistent/step_1"], "error: checkpoint /nonexistent/step_1 does not exist"),
+    (["--bogus-flag"], "error: pretrain: unrecognized arguments: --bogus-flag"),
+])
+def test_bad_input_is_one_line(prepared_data, tmp_path, overrides, message):
+    res = pretrain(tiny_overrides(prepared_data, tmp_path / "run") + overrides, timeout=120)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(message), res.stderr[-2000:]
+
+
+def test_partial_checkpoint_named_for_resume_is_refused(prepared_data, tmp_path):
+    run = tmp_path / "run"
+    partial = run / "checkpoints" / "step_00000005.tmp"
+    partial.mkdir(parents=True)
+    res = pretrain(tiny_overrides(prepared_data, run, f"checkpoint.resume={partial}"), timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "is incomplete (no complete.json: its save never finished)" in res.stderr
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_ranks_bf16_zero(prepared_data, tmp_path, stage):
+    """Loss falls, replicas agree; activation checkpointing with a layerwise-shared projection and
+    a per-layer k schedule (the combination DeepSpeed #988/#2103 broke under ZeRO-2/3)."""
+    run = tmp_path / f"zero{stage}"
+    res = deepspeed_run("tests/helpers/train_and_report.py", tiny_overrides(
+        prepared_data, run, "precision.dtype=bf16", f"precision.zero_stage={stage}",
+        "train.max_steps=24", "train.eval_every=12", "checkpoint.save_every=12",
+        "model.sharing=layerwise", "model.k=[32,16]", "train.activation_checkpointing=true",
+        "train.micro_batch_size=4"))
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+    losses = [r["loss"] for r in read_metrics(run)]
+    assert len(losses) == 24 and sum(losses[-4:]) < sum(losses[:4]) - 2.0, losses
+    ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 24
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert CheckpointManager(run / "checkpoints", 3).latest().name == "step_00000024"
