@@ -515,7 +515,9 @@ def check_schedule_yaml(text: str, base_model: Optional[dict] = None):
 def plot_cumulative(result: SpectrumResult, path: str | Path, share: Optional[float] = None,
                     title: Optional[str] = None) -> Path:
     """The paper's Figure 1 (left): normalised cumulative singular value against rank, one curve
-    per layer (mean over heads and samples), shaded between the lowest and highest head mean."""
+    per layer (mean over heads and samples), shaded between the lowest and highest head mean.
+    Left panel on a linear rank axis as in the paper, right panel on a log axis (the knee sits at
+    small ranks)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -525,24 +527,25 @@ def plot_cumulative(result: SpectrumResult, path: str | Path, share: Optional[fl
     mean = result.layer_mean_curve()                      # (layers, R)
     lo = result.cumulative_mean.min(axis=1)               # (layers, R) lowest head
     hi = result.cumulative_mean.max(axis=1)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.9), dpi=110)
     colors = plt.cm.viridis(np.linspace(0.0, 0.9, result.num_layers))
-    for layer in range(result.num_layers):
-        ax.plot(x, mean[layer], color=colors[layer], lw=1.6, label=f"layer {layer}")
-        ax.fill_between(x, lo[layer], hi[layer], color=colors[layer], alpha=0.15, lw=0)
-    if share is not None:
-        ax.axhline(share, color="grey", ls=":", lw=1)
-        ax.text(x[-1], share, f" {share:g}", va="center", ha="left", color="grey", fontsize=8)
-    if result.seq_len > 1024:
-        ax.set_xscale("log")
-    ax.set_xlim(1, result.seq_len)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("rank r (singular values, largest first)")
-    ax.set_ylabel("normalised cumulative singular value")
-    ax.set_title(title or f"Attention spectrum, n={result.seq_len}, {result.num_samples} samples "
-                          f"({result.attention})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", ncol=1 + result.num_layers // 8)
+    for ax, log in zip(axes, (False, True)):
+        for layer in range(result.num_layers):
+            ax.plot(x, mean[layer], color=colors[layer], lw=1.6, label=f"layer {layer}")
+            ax.fill_between(x, lo[layer], hi[layer], color=colors[layer], alpha=0.15, lw=0)
+        if share is not None:
+            ax.axhline(share, color="grey", ls=":", lw=1)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlim(1, result.seq_len)
+        ax.set_ylim(0, 1.01)
+        ax.set_xlabel("rank r (singular values, largest first)" + (", log axis" if log else ""))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("normalised cumulative singular value")
+    axes[1].legend(fontsize=8, loc="lower right", ncol=1 + result.num_layers // 8)
+    fig.suptitle(title or f"Attention spectrum per layer: n={result.seq_len}, "
+                          f"{result.num_samples} samples, {result.attention} attention"
+                          + (f", dotted line at {share:g}" if share is not None else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -697,8 +700,10 @@ def _is_deepspeed_checkpoint(path: Path) -> bool:
 
 def load_model(path: str | Path) -> LoadedModel:
     """A model directory (``save_pretrained``: model.safetensors + config.yaml + tokenizer, also a
-    RoBERTa warm start) or a DeepSpeed checkpoint of a run (exported in memory through the
-    conversion library), ready for inference on CPU."""
+    RoBERTa warm start) or a run's DeepSpeed checkpoint (a run directory, its checkpoints/ or one
+    step directory; read in memory through the conversion library), in eval mode on CPU."""
+    from linformer_train.convert import ConversionError
+
     path = Path(path).expanduser()
     if not path.exists():
         raise SpectrumError(f"model {path} does not exist; pass a model directory (tools/convert.py) "
@@ -707,16 +712,13 @@ def load_model(path: str | Path) -> LoadedModel:
         raise SpectrumError(f"model {path} is not a directory; pass a model directory or a run's "
                             f"checkpoint directory")
     try:
-        from linformer_train.convert import ConversionError
-    except ImportError:  # pragma: no cover - the package ships with the repository
-        ConversionError = ValueError  # noqa: N806
-    try:
         if (path / "model.safetensors").is_file():
             from linformer_train.convert import model_dir
 
             model = model_dir.from_pretrained(path)
-            tok = _tokenizer_in(path)
-            return LoadedModel(model, model.cfg, tok, f"model directory {path}")
+            tok = path / model_dir.TOKENIZER_FILE
+            return LoadedModel(model.eval(), model.cfg, tok if tok.is_file() else None,
+                               f"model directory {path}")
         if _is_deepspeed_checkpoint(path):
             return _load_deepspeed(path)
     except ConversionError as exc:
@@ -725,30 +727,27 @@ def load_model(path: str | Path) -> LoadedModel:
                         f"checkpoint (no checkpoints/, latest or step_*); convert it with tools/convert.py")
 
 
-def _tokenizer_in(path: Path) -> Optional[Path]:
-    for cand in (path / "tokenizer.model", path / "tokenizer" / "tokenizer.model"):
-        if cand.is_file():
-            return cand
-    return None
-
-
 def _load_deepspeed(path: Path) -> LoadedModel:
-    """Export a DeepSpeed checkpoint to a temporary model directory and load it from there."""
+    """The fp32 weights of a DeepSpeed checkpoint (any ZeRO stage) in a model, without writing a
+    model directory; the tokenizer is the run's (its prepared data or data.tokenizer)."""
+    from linformer_train.config import config_from_dict
+    from linformer_train.convert import ConversionError, export, model_dir
+
+    state, client, step_dir = export.read_checkpoint(path)
+    if not isinstance(client.get("config"), dict):
+        raise SpectrumError(f"{step_dir} carries no linformer-train config; it was not saved by this "
+                            f"project's trainer")
+    cfg = config_from_dict(client["config"])
+    model = model_dir.build_model(cfg.model, client.get("architecture", "mlm"))
+    model_dir.check_state_dict(model_dir.expected_shapes(model), state, f"checkpoint {step_dir}",
+                               "export it with the code that wrote it")
+    model.load_state_dict(state, strict=True)
     try:
-        from linformer_train.convert import export, model_dir
-    except ImportError as exc:
-        raise SpectrumError(f"{path} is a DeepSpeed checkpoint but the conversion library cannot be "
-                            f"imported ({exc}); export it with tools/convert.py first") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "model"
-        export.export_checkpoint(path, out)
-        model = model_dir.from_pretrained(out)
-        tok = _tokenizer_in(out)
-        if tok is not None:  # keep the tokenizer past the temporary directory
-            keep = Path(tempfile.mkdtemp(prefix="spectrum-tok-")) / "tokenizer.model"
-            keep.write_bytes(tok.read_bytes())
-            tok = keep
-    return LoadedModel(model, model.cfg, tok, f"DeepSpeed checkpoint {path}")
+        tok: Optional[Path] = export.find_tokenizer(cfg, step_dir)
+    except ConversionError:  # text data then needs --tokenizer; prepared data names its own
+        tok = None
+    return LoadedModel(model.eval(), cfg.model, tok,
+                       f"DeepSpeed checkpoint {step_dir} (step {client.get('step')})")
 
 
 def load_samples(sources: Sequence[str], seq_len: int, count: int, tokenizer_path: Optional[Path],

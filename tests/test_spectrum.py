@@ -311,6 +311,68 @@ def test_packing_matches_the_data_pipeline_layout():
 
 
 # --------------------------------------------------------------------------------------------------
+# The command line end to end: a model directory, prepared blocks and text files
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    """A sentencepiece tokenizer trained on this repository's config module, blocks prepared with
+    it (n=32), and a full-attention model directory carrying it."""
+    import linformer_train.config as config_module
+    from linformer_train.config import DataConfig
+    from linformer_train.convert.model_dir import save_pretrained
+    from linformer_train.data.prepare import ensure_prepared
+    from linformer_train.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("spectrum_e2e")
+    corpus = root / "corpus.txt"
+    corpus.write_text(Path(config_module.__file__).read_text())
+    tok = train_tokenizer(DataConfig(source="files", paths=[str(corpus)]), root / "tok", 400)
+    cfg = load_config([], ["data.source=files", f"data.paths=[{corpus}]", f"data.tokenizer={tok}",
+                           "data.num_proc=1", f"data.prepared_dir={root / 'prep'}",
+                           "data.validation_fraction=0.1", "model.vocab_size=400",
+                           "model.max_seq_len=32", "model.k=16"])
+    prepared = ensure_prepared(cfg.data, 32, root, 400)
+    torch.manual_seed(0)
+    model = LinformerForMLM(_model_cfg(vocab_size=400, max_seq_len=32, num_layers=2))
+    _sharpen(model, 30.0)
+    model_dir = save_pretrained(model, root / "model", tokenizer=tok)
+    return model_dir, Path(prepared), corpus
+
+
+@pytest.mark.parametrize("data", ["prepared", "text"])
+def test_cli_measure_on_a_model_directory(model_and_data, tmp_path, capsys, data):
+    model_dir, prepared, corpus = model_and_data
+    src = str(prepared) if data == "prepared" else str(corpus)
+    out = tmp_path / "out"
+    assert _tool().main(["measure", str(model_dir), "--data", src, "-n", "32", "--samples", "3",
+                         "--multiple-of", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "checked with load_config" in printed
+    names = {p.name for p in out.iterdir()}
+    assert {"spectrum.json", "spectrum.npz", "spectrum_cumulative.png", "spectrum_rank_heatmap.png",
+            "k_schedule.yaml", "k_schedule.json"} <= names
+    meta = json.loads((out / "spectrum.json").read_text())
+    assert meta["num_samples"] == 3 and meta["seq_len"] == 32
+    assert ("prepared" in meta["info"]["data"]) == (data == "prepared")
+    cfg = load_config([out / "k_schedule.yaml"])
+    assert len(cfg.model.k) == 2 and all(v % 8 == 0 and v <= 32 for v in cfg.model.k)
+    layered = load_config([model_dir / "config.yaml", out / "k_schedule.yaml"])
+    assert layered.model.k == cfg.model.k and layered.model.vocab_size == 400
+
+
+def test_cli_measure_refuses_n_beyond_the_model_or_the_blocks(model_and_data, tmp_path, capsys):
+    from linformer_train.cli import run_main
+
+    model_dir, prepared, _ = model_and_data
+    assert run_main(_tool().main, ["measure", str(model_dir), "--data", str(prepared), "-n", "64",
+                                   "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_seq_len=32" in err
+
+
+# --------------------------------------------------------------------------------------------------
 # The command line: one line, exit 2
 # --------------------------------------------------------------------------------------------------
 

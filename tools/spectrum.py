@@ -74,22 +74,23 @@ def _recommend_and_write(result, args, out_dir: Path, base_model: dict | None) -
 def _print_table(result, share: float, sched_k=None) -> None:
     rows = result.summary(share)
     lin = result.linformer_rel_error is not None
-    head = (f"{'layer':>5} {'model k':>7} | rank for {share:g} of spectrum: {'median':>6} {'p90':>6} "
-            f"{'max':>6} | {'eff.rank':>8}")
+    print(f"rank needed to reach {share:g} of the normalised cumulative spectrum, over "
+          f"{result.num_samples} samples x {result.num_heads} heads:")
+    cols = [("layer", 5), ("model k", 7), ("median", 6), ("p90", 6), ("max", 6), ("eff.rank", 8)]
     if lin:
-        head += f" | {'lin vs full: rel.err':>20} {'cos':>6}"
+        cols += [("lin-vs-full rel.err", 19), ("cosine", 6)]
     if sched_k:
-        head += f" | {'k':>5}"
-    print(head)
+        cols += [("k", 5)]
+    print("  ".join(f"{name:>{w}}" for name, w in cols))
     for i, r in enumerate(rows):
-        line = (f"{r['layer']:>5} {r['model_k']:>7} | {'':>25}{r['rank_needed_median']:>6.0f} "
-                f"{r['rank_needed_p90']:>6.0f} {r['rank_needed_max']:>6.0f} | "
-                f"{r['effective_rank_mean']:>8.1f}")
+        vals = [f"{r['layer']}", f"{r['model_k']}", f"{r['rank_needed_median']:.0f}",
+                f"{r['rank_needed_p90']:.0f}", f"{r['rank_needed_max']:.0f}",
+                f"{r['effective_rank_mean']:.1f}"]
         if lin:
-            line += f" | {r['linformer_rel_error_mean']:>20.3f} {r['linformer_cosine_mean']:>6.3f}"
+            vals += [f"{r['linformer_rel_error_mean']:.3f}", f"{r['linformer_cosine_mean']:.3f}"]
         if sched_k:
-            line += f" | {sched_k[i]:>5}"
-        print(line)
+            vals += [f"{sched_k[i]}"]
+        print("  ".join(f"{v:>{w}}" for v, (_, w) in zip(vals, cols)))
 
 
 def cmd_measure(args) -> int:
