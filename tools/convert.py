@@ -12,7 +12,11 @@ k, warm start from a local RoBERTa/BERT. docs/CONVERT_FINETUNE.md has the walk-t
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+# tools/profile.py would shadow the standard library's `profile` (torch._dynamo imports cProfile):
+# take tools/ off the path, put the checkout on it (runs without an install).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
 from linformer_train.cli import run_main  # noqa: E402
 from linformer_train.convert.entry import convert  # noqa: E402

@@ -1,0 +1,60 @@
+"""The command line behind tools/finetune.py: train (any launcher) and predict (plain PyTorch)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from linformer_train.cli import make_parser
+
+
+def finetune(argv: Sequence[str]) -> int:
+    parser = make_parser("finetune", "Fine-tune a Linformer for classification, or predict with one.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,predict}")
+    sub.required = True
+
+    p = sub.add_parser("train", help="fine-tune (deepspeed / torchrun / python)")
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="config file (repeatable; later files override earlier ones)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=_suppress())
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. model.pretrained=models/base task.preset=sst2 optim.lr=1e-5")
+
+    p = sub.add_parser("predict", help="one predicted label per input line, written to a file")
+    p.add_argument("--model", required=True, help="a fine-tuned model directory (<output_dir>/seed_S/best)")
+    p.add_argument("--input", required=True, help=".txt (one input per line; pairs: tab-separated), .csv, .tsv or .jsonl")
+    p.add_argument("--output", required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--format", choices=("auto", "text", "csv", "tsv", "jsonl"), default="auto")
+    p.add_argument("--text-column")
+    p.add_argument("--pair-column")
+    p.add_argument("--max-length", type=int)
+
+    args = parser.parse_args(argv)
+    if args.command == "predict":
+        from linformer_train.finetune.predict import predict_file
+
+        count = predict_file(args.model, args.input, args.output, args.batch_size, args.device,
+                             args.format, args.text_column, args.pair_column, args.max_length)
+        print(f"wrote {count} predictions to {args.output}", flush=True)
+        return 0
+
+    from linformer_train.finetune.config import load_finetune_config
+
+    cfg = load_finetune_config(args.config, args.overrides)  # every rank: fail fast, before init
+
+    from linformer_train.finetune.loop import run_finetune
+    from linformer_train.train.distributed import destroy_distributed, init_distributed
+
+    init_distributed()
+    try:
+        run_finetune(cfg)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+def _suppress():
+    import argparse
+
+    return argparse.SUPPRESS

@@ -1,0 +1,100 @@
+"""Predict with a fine-tuned model directory, without DeepSpeed: one label per input, in order.
+
+Inputs: a text file (one example per line; for a sentence-pair model the two texts are separated by
+a tab), or CSV / TSV / JSONL with the model's text (and pair) columns. Empty lines are examples
+too, so output line i always belongs to input line i. The output is written to a temporary file and
+renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from linformer_train.convert import ConversionError
+from linformer_train.convert.model_dir import from_pretrained, load_model_info, tokenizer_file
+from linformer_train.data import DataError
+from linformer_train.finetune.data import collate, encode
+from linformer_train.finetune.tasks import Examples, ResolvedTask, file_format, read_file
+
+
+def _read_lines(path: Path, pair: bool) -> Examples:
+    if not path.is_file():
+        raise DataError(f"input file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines = lines[:-1]  # the final newline ends the last line; it does not start another
+    if not lines:
+        raise DataError(f"{path} is empty; give one input per line")
+    texts, pairs = [], [] if pair else None
+    for i, line in enumerate(lines, 1):
+        line = line.rstrip("\r")
+        if pair:
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise DataError(f"{path} line {i} has {len(parts)} text(s) but the model classifies "
+                                f"sentence pairs; give two texts separated by one tab on every line")
+            texts.append(parts[0])
+            pairs.append(parts[1])
+        else:
+            texts.append(line)
+    return Examples(texts, pairs, None, str(path), list(range(1, len(lines) + 1)))
+
+
+def read_inputs(path: str | os.PathLike, task: ResolvedTask, fmt: str = "auto") -> Examples:
+    path = Path(path)
+    kind = file_format(path, fmt) if fmt != "auto" or path.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json") \
+        else "text"
+    if kind == "text":
+        return _read_lines(path, task.is_pair)
+    return read_file(path, task, kind, labelled=False)
+
+
+@torch.no_grad()
+def predict_file(model_dir: str | os.PathLike, input_path: str | os.PathLike,
+                 output_path: str | os.PathLike, batch_size: int = 32, device: str = "cpu",
+                 fmt: str = "auto", text_column: Optional[str] = None,
+                 pair_column: Optional[str] = None, max_length: Optional[int] = None) -> int:
+    """Write one predicted label per input to ``output_path``; returns the number of inputs."""
+    from linformer_train.data.tokenizer import load_tokenizer
+
+    info = load_model_info(model_dir)
+    if info["architecture"] != "classification":
+        raise ConversionError(f"{model_dir} is a pretrained MLM model, not a fine-tuned classifier; "
+                              f"fine-tune it first (tools/finetune.py train)")
+    saved = info.get("task") or {}
+    task = ResolvedTask(name=saved.get("name", "custom"),
+                        text_column=text_column or saved.get("text_column") or "text",
+                        pair_column=pair_column or saved.get("pair_column"),
+                        label_column=saved.get("label_column") or "label")
+    model = from_pretrained(model_dir).to(device)
+    n = model.cfg.max_seq_len
+    max_length = max_length or saved.get("max_length") or n
+    if max_length > n:
+        raise DataError(f"max_length={max_length} exceeds the model's n={n}")
+    ex = read_inputs(input_path, task, fmt)
+    enc = encode(load_tokenizer(tokenizer_file(model_dir)), ex, max_length)
+    labels = info["labels"]
+    preds = np.zeros(len(enc), dtype=np.int64)
+    order = np.argsort(enc.lengths, kind="stable")  # similar lengths together: less padding
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        b = collate(enc, idx)
+        logits = model(b["input_ids"].to(device), b["attention_mask"].to(device))
+        preds[idx] = logits.argmax(-1).cpu().numpy()
+    out = Path(output_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text("".join(f"{labels[p]}\n" for p in preds), encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if enc.truncated:
+        print(f"note: {enc.truncated} of {len(enc)} inputs were cut to {max_length} tokens", flush=True)
+    return len(enc)
