@@ -130,3 +130,20 @@ def test_two_ranks_bf16_zero(prepared_data, tmp_path, stage):
     assert ranks[0]["step"] == ranks[1]["step"] == 24
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert CheckpointManager(run / "checkpoints", 3).latest().name == "step_00000024"
+    if stage == 2:
+        # resume on ONE rank (micro-batch 8 keeps 8 samples per step) through a universal checkpoint
+        ckpt = run / "checkpoints" / "step_00000024"
+        universal = run / "checkpoints" / "step_00000024_universal"
+        conv = run_cli([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                        "--input_folder", str(ckpt), "--output_folder", str(universal)])
+        assert conv.returncode == 0, conv.stderr[-3000:]
+        res = pretrain(tiny_overrides(
+            prepared_data, run, "precision.dtype=bf16", "precision.zero_stage=2", "train.max_steps=28",
+            "train.eval_every=0", "checkpoint.save_every=0", "model.sharing=layerwise", "model.k=[32,16]",
+            "train.activation_checkpointing=true", "train.micro_batch_size=8",
+            f"checkpoint.resume={universal}", "checkpoint.universal=true"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"resumed from {universal} at step 24" in res.stdout
+        after = [r["loss"] for r in read_metrics(run)][24:]
+        assert [r["step"] for r in read_metrics(run)][24:] == [25, 26, 27, 28]
+        assert max(after) < losses[0] - 0.5  # carries on from the trained weights, not from scratch
