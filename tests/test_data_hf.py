@@ -40,7 +40,11 @@ def cfg_for(*overrides):
     return load_config([], ["data.num_proc=1", "model.vocab_size=1000", *overrides]).data
 
 
-def test_hf_json_builder_matches_files_source_in_both_modes(jsonl, tmp_path):
+def test_hf_json_builder_matches_files_source_in_both_modes(jsonl, tmp_path, monkeypatch):
+    import linformer_train.data.prepare as prepare
+
+    monkeypatch.setattr(prepare, "CHUNK_BYTES", 30_000)  # several chunks of files and of HF rows
+    monkeypatch.setattr(prepare, "DOC_BATCH", 8)
     f, tok = jsonl
     common = [f"data.paths=[{f}]", f"data.tokenizer={tok}", "data.validation_fraction=0.1"]
     runs = {

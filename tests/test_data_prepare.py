@@ -221,3 +221,14 @@ def test_bad_input_counts_reach_the_manifest(corpus, tok_path, tmp_path):
     text = summarize(m)
     assert "bad input: 1 empty files (first: " in text and "1 invalid json lines (first: " in text
     assert f"b.jsonl:2" in text
+
+
+def test_chunked_preparation_gives_the_same_blocks(corpus, tok_path, tmp_path, monkeypatch):
+    import linformer_train.data.prepare as prepare
+
+    one = ensure_prepared(data_cfg([corpus], tok_path, f"data.prepared_dir={tmp_path / 'one'}"), 32, tmp_path, 1000)
+    monkeypatch.setattr(prepare, "CHUNK_BYTES", 20_000)  # many chunks, one datasets.map call each
+    monkeypatch.setattr(prepare, "DOC_BATCH", 16)
+    many = ensure_prepared(data_cfg([corpus], tok_path, f"data.prepared_dir={tmp_path / 'many'}"), 32, tmp_path, 1000)
+    for name in ("train.bin", "validation.bin"):
+        assert (one / name).read_bytes() == (many / name).read_bytes()

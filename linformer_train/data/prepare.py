@@ -11,9 +11,13 @@ The stream of a split is ``doc </s> doc </s> ...``; it is cut into rows of n-1 t
 gets ``<s>`` in front, so each block is exactly n tokens, starts like a RoBERTa sample, and nothing is
 padded. Only the last partial row of each split is dropped (counted in the manifest). A document goes
 to validation when a hash of its position falls under ``data.validation_fraction``, so train and
-validation share no document. Memory stays flat: documents stream through an Arrow file on disk,
-``datasets.map`` tokenizes it in ``num_proc`` processes, and the packer reads the token shards batch
-by batch and appends to the .bin files.
+validation share no document.
+
+Memory stays flat as the corpus grows: documents stream into Arrow files of ``CHUNK_BYTES`` of text,
+``datasets.map`` tokenizes one chunk at a time in ``num_proc`` processes (which end with their
+chunk, so the pages they mapped never accumulate), and the packer reads the token shards record
+batch by record batch, without memory-mapping them, and appends to the .bin files. A streamed HF
+dataset skips the Arrow files and is encoded by sentencepiece's own threads.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from linformer_train.data.tokenizer import (BOS_ID, EOS_ID, MODEL_FILE, Tokenize
                                             training_spec)
 
 if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+
     from linformer_train.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,8 @@ DOC_BATCH = 1000
 """Documents per Arrow record batch and per tokenization call."""
 BATCH_BYTES = 8 << 20
 """A record batch of documents is also cut at this many bytes of text, so huge documents stay bounded."""
+CHUNK_BYTES = 128 << 20
+"""Text tokenized per ``datasets.map`` call: what bounds the memory of preparation."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,26 +302,45 @@ class _EncodeBatch:
         return {"model": self.model, "sp": None}
 
 
-def _write_documents(source: Source, path: Path) -> int:
-    """Stream the source's documents into an Arrow IPC file (one ``text`` column); returns the count."""
+def _document_chunks(source: Source, work: Path) -> Iterator["datasets.Dataset"]:
+    """The source's documents as a series of Arrow files of about CHUNK_BYTES of text each, each
+    opened as a ``datasets.Dataset`` and deleted once the consumer asks for the next one."""
+    import datasets
     import pyarrow as pa
 
     schema = pa.schema([("text", pa.large_string())])
-    count = 0
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        batch: list[str] = []
-        size = 0
-        for doc in source.documents():
-            batch.append(doc)
-            size += len(doc)
-            if len(batch) >= DOC_BATCH or size >= BATCH_BYTES:
+    docs = source.documents()
+    for index in itertools.count():
+        path = work / f"documents-{index:05d}.arrow"
+        written = 0
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            batch: list[str] = []
+            size = 0
+            for doc in docs:
+                batch.append(doc)
+                size += len(doc)
+                if len(batch) >= DOC_BATCH or size >= BATCH_BYTES:
+                    writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
+                    written += size
+                    batch, size = [], 0
+                    if written >= CHUNK_BYTES:
+                        break
+            if batch:
                 writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
-                count += len(batch)
-                batch, size = [], 0
-        if batch:
-            writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
-            count += len(batch)
-    return count
+                written += size
+        if written == 0:
+            path.unlink()
+            return
+        yield datasets.Dataset.from_file(str(path))
+        path.unlink()
+
+
+def _dataset_chunks(ds: "datasets.Dataset") -> Iterator["datasets.Dataset"]:
+    """Contiguous row ranges of a map-style dataset holding about CHUNK_BYTES of text each."""
+    per_row = max(1, ds.data.nbytes // max(1, len(ds)))
+    rows = max(DOC_BATCH, CHUNK_BYTES // per_row)
+    for start in range(0, len(ds), rows):
+        yield ds.select(range(start, min(start + rows, len(ds))))
 
 
 def _token_batches_from_arrow(files: Sequence[str], dtype: np.dtype) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -353,10 +380,41 @@ def _token_batches_streaming(source: Source, tok: Tokenizer, dtype: np.dtype,
         yield encode(batch)
 
 
-def _tokenize_and_pack(source: Source, tok: Tokenizer, cfg: "DataConfig", seq_len: int,
-                       out_dir: Path, key: str) -> dict[str, Any]:
+def _token_batches_mapped(chunks: Iterator["datasets.Dataset"], tok: Tokenizer, dtype: np.dtype,
+                          num_proc: int, work: Path, key: str,
+                          timings: dict[str, float]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(values, lengths) of every chunk, tokenized by ``datasets.map`` in ``num_proc`` processes.
+
+    One chunk at a time: its worker processes end and its memory maps close before the next chunk
+    starts, so the pages they touched never add up across the corpus (peak memory stays flat).
+    """
     import datasets
 
+    feature = datasets.Value("uint16" if dtype == np.uint16 else "uint32")
+    chunk_iter = iter(chunks)
+    for index in itertools.count():
+        t0 = time.perf_counter()
+        ds = next(chunk_iter, None)
+        timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t0
+        if ds is None:
+            return
+        t0 = time.perf_counter()
+        procs = num_proc if len(ds) >= 2 * DOC_BATCH else 1  # a process for a handful of rows costs more
+        tokenized = ds.map(
+            _EncodeBatch(str(tok.path)), batched=True, batch_size=DOC_BATCH, num_proc=procs,
+            remove_columns=ds.column_names, features=datasets.Features({"ids": datasets.List(feature)}),
+            cache_file_name=str(work / f"tokens-{index:05d}.arrow"), load_from_cache_file=False,
+            new_fingerprint=f"{key[:16]}-{index}", desc=f"tokenizing chunk {index} ({procs} proc)")
+        files = [c["filename"] for c in tokenized.cache_files]
+        del ds, tokenized  # close the maps
+        timings["tokenize"] = timings.get("tokenize", 0.0) + time.perf_counter() - t0
+        yield from _token_batches_from_arrow(files, dtype)
+        for name in files:
+            Path(name).unlink(missing_ok=True)
+
+
+def _tokenize_and_pack(source: Source, tok: Tokenizer, cfg: "DataConfig", seq_len: int,
+                       out_dir: Path, key: str) -> dict[str, Any]:
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     work = out_dir / ".work"
     shutil.rmtree(work, ignore_errors=True)
@@ -364,29 +422,19 @@ def _tokenize_and_pack(source: Source, tok: Tokenizer, cfg: "DataConfig", seq_le
     timings: dict[str, float] = {}
     packer = Packer(out_dir, seq_len, dtype, cfg.validation_fraction)
     try:
-        t0 = time.perf_counter()
         ds = source.as_dataset()
-        if ds is None and source.kind != "hf":  # local files, builtin: stream to Arrow, then map
-            _write_documents(source, work / "documents.arrow")
-            ds = datasets.Dataset.from_file(str(work / "documents.arrow"))
-        timings["read"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if ds is not None:
-            num_proc = cfg.num_proc if len(ds) >= 2 * DOC_BATCH else 1  # a process per ~nothing costs more
-            feature = datasets.Value("uint16" if dtype == np.uint16 else "uint32")
-            tokenized = ds.map(
-                _EncodeBatch(str(tok.path)), batched=True, batch_size=DOC_BATCH, num_proc=num_proc,
-                remove_columns=ds.column_names, features=datasets.Features({"ids": datasets.List(feature)}),
-                cache_file_name=str(work / "tokens.arrow"), load_from_cache_file=False,
-                new_fingerprint=key[:16], desc=f"tokenizing ({num_proc} proc)")
-            timings["tokenize"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            batches = _token_batches_from_arrow([c["filename"] for c in tokenized.cache_files], dtype)
-        else:  # a streamed HF dataset: never on disk whole, tokenized with sentencepiece's threads
+        if ds is not None:  # an HF dataset already on disk
+            batches = _token_batches_mapped(_dataset_chunks(ds), tok, dtype, cfg.num_proc, work, key, timings)
+        elif source.kind == "hf":  # a streamed HF dataset: never on disk whole; sentencepiece's threads
             batches = _token_batches_streaming(source, tok, dtype, cfg.num_proc)
+        else:  # local files, builtin: chunks of documents through Arrow files, then datasets.map
+            batches = _token_batches_mapped(_document_chunks(source, work), tok, dtype, cfg.num_proc,
+                                            work, key, timings)
+        t0 = time.perf_counter()
         for values, lengths in batches:
             packer.add(values, lengths)
-        timings["pack" if ds is not None else "tokenize_and_pack"] = time.perf_counter() - t0
+        total = time.perf_counter() - t0
+        timings["pack"] = total - timings.get("read", 0.0) - timings.get("tokenize", 0.0)
         counts = packer.finish(out_dir, source.description)
     except BaseException:
         packer.abort()
