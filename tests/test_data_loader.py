@@ -204,3 +204,58 @@ def test_build_training_data_end_to_end(tmp_path):
                         + ["model.vocab_size=300", f"data.tokenizer={tok}"])
     with pytest.raises(DataError, match=r"has 400 pieces but model.vocab_size=300"):
         build_training_data(small.data, small.model, small.train, small.train.run_dir)
+
+
+def _rank_main(rank: int, port: int, overrides: list[str], out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = load_config([], overrides)
+        data = build_training_data(cfg.data, cfg.model, cfg.train, cfg.train.run_dir, rank=rank, world_size=2)
+        indices = [data.train_loader.sample_indices(0, b).tolist() for b in range(data.train_loader.batches_per_epoch)]
+        out.put((rank, "ok", str(data.prepared.root), indices, len(list(data.eval_batches(50)))))
+        data.close()
+    except Exception as exc:
+        out.put((rank, type(exc).__name__, str(exc), None, None))
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_ranks(overrides: list[str]) -> dict:
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, overrides, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = {r[0]: r for r in (out.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=30)
+    return results
+
+
+def test_two_process_ranks_share_one_preparation(tmp_path):
+    from pydoc_data.topics import topics
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[:30]))
+    overrides = ["data.source=files", f"data.paths=[{corpus}]", "data.tokenizer_vocab_size=400",
+                 "data.num_proc=1", "data.validation_fraction=0.1", "model.vocab_size=512",
+                 "model.max_seq_len=64", "model.k=16", "train.micro_batch_size=4",
+                 f"train.run_dir={tmp_path / 'run'}"]
+    res = _two_ranks(overrides)
+    assert res[0][1] == res[1][1] == "ok" and res[0][2] == res[1][2]
+    a, b = np.concatenate(res[0][3]), np.concatenate(res[1][3])
+    assert len(a) == len(b) and not set(a) & set(b)   # disjoint samples, equal batch counts
+    assert res[0][4] == res[1][4] > 0                   # equal validation batch counts
+    bad = _two_ranks([o if not o.startswith("data.paths") else f"data.paths=[{tmp_path / 'nope.txt'}]"
+                      for o in overrides])
+    assert bad[0][1] == bad[1][1] == "DataError"        # rank 1 is told, instead of waiting forever
+    assert "nope.txt does not exist" in bad[0][2]
+    assert bad[1][2].startswith("rank 0 could not prepare the data: data.paths: ")

@@ -89,7 +89,7 @@ class MLMLoader:
         if cached_epoch != epoch:
             if self.shuffle:
                 rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
-                    [self.seed, _SHUFFLE_STREAM, int(epoch)])))
+                    [self.seed % 2**64, _SHUFFLE_STREAM, int(epoch)])))
                 order = rng.permutation(self.num_blocks)
             else:
                 order = np.arange(self.num_blocks, dtype=np.int64)

@@ -45,7 +45,7 @@ class MLMMasker:
         if not 0 <= mask_id < vocab_size:
             raise DataError(f"mask_id={mask_id} lies outside the vocabulary of {vocab_size}")
         self.mask_prob, self.replace_prob, self.random_prob = mask_prob, replace_prob, random_prob
-        self.vocab_size, self.seed, self.mask_id = vocab_size, int(seed), mask_id
+        self.vocab_size, self.seed, self.mask_id = vocab_size, int(seed) % 2**64, mask_id
         self.special = np.zeros(vocab_size, dtype=bool)
         self.special[[i for i in ids if 0 <= i < vocab_size] + [mask_id]] = True
         self.random_pool = np.flatnonzero(~self.special)  # what a "random token" may be
