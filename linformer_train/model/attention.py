@@ -72,8 +72,8 @@ class LinearProjection(nn.Module):
     def forward(self, x: torch.Tensor, k_used: int, lengths: Optional[torch.Tensor]
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         L = x.shape[-2]
-        w = self.weight[..., :k_used, :L]                      # (k, L) or (H, k, L)
-        y = torch.matmul(w.to(x.dtype), x)                     # (B, H, k, Dh)
+        w = self.weight[..., :k_used, :L].to(x.dtype)          # (k, L) or (H, k, L)
+        y = _project_shared(w, x) if w.dim() == 2 else torch.matmul(w, x)  # (B, H, k, Dh)
         scale = self._scale(L, lengths, x)
         if scale is not None:
             y = y * scale
@@ -93,6 +93,22 @@ class LinearProjection(nn.Module):
         if self.short_input_scaling == "sqrt":
             ratio = ratio.sqrt()
         return ratio.to(x.dtype)
+
+
+def _project_shared(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """E·X for one (k, L) matrix shared by the heads: one (k, L) x (L, H*Dh) GEMM per sequence.
+
+    x is usually a view into the fused qkv output, laid out (B, L, H, Dh) in memory, so (H, Dh)
+    flattens to D without a copy. ``torch.matmul(w, x)`` folds (B, H) into one batch dimension
+    instead, which copies x (B*L*D elements, kept alive for backward: +1.2 GB for base at n=8192,
+    batch 4, bf16) and runs H narrow GEMMs; bmm on the (B, L, D) view saves only w and is faster.
+    """
+    B, H, L, Dh = x.shape
+    xt = x.transpose(1, 2)                                      # (B, L, H, Dh)
+    if xt.stride(-1) != 1 or xt.stride(-2) != Dh:               # heads not adjacent: plain path
+        return torch.matmul(w, x)
+    y = torch.bmm(w.expand(B, -1, -1), xt.reshape(B, L, H * Dh))  # (B, k, D), no copy of x
+    return y.view(B, -1, H, Dh).transpose(1, 2)                 # (B, H, k, Dh)
 
 
 class MeanPoolProjection(nn.Module):
