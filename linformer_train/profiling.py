@@ -86,6 +86,11 @@ class Case:
     mask_prob: float = 0.15
     budget_bytes: Optional[int] = None
     """Peak total memory allowed (CPU: process RSS; CUDA: allocated); None = no check."""
+    threads: Optional[int] = None
+    """CPU threads for torch (None: torch's default, one per core)."""
+    clock: str = "wall"
+    """wall (what a user waits; synchronised with the device) | cpu (the process's CPU time: on a
+    shared CPU with threads=1 it is robust to other jobs taking cores, where wall time is not)."""
 
     def model_config(self) -> ModelConfig:
         return config_from_dict({"model": dict(self.model)}).model
@@ -199,6 +204,10 @@ def check_case(case: Case) -> ModelConfig:
         raise ConfigError(f"dtype {case.dtype!r} is not allowed; choose one of {', '.join(DTYPES)}")
     if case.batch_size < 1 or case.seq_len < 1:
         raise ConfigError(f"batch size {case.batch_size} and n {case.seq_len} must be positive")
+    if case.clock not in ("wall", "cpu") or (case.clock == "cpu" and case.device != "cpu"):
+        raise ConfigError(f"clock {case.clock!r}: use wall, or cpu with --device cpu")
+    if case.threads is not None and case.threads < 1:
+        raise ConfigError(f"threads={case.threads} must be at least 1")
     if case.warmup < 0 or case.repeats < 1:
         raise ConfigError(f"warmup={case.warmup} must be >= 0 and repeats={case.repeats} >= 1")
     if case.device.startswith("cuda") and not torch.cuda.is_available():
@@ -362,13 +371,16 @@ def build_step(case: Case, cfg: ModelConfig, device: torch.device
     dtype = DTYPES[case.dtype]
     B, L = case.batch_size, case.seq_len
     gen = torch.Generator().manual_seed(0)
+    with torch.device(device):  # initialise where it runs: a base model inits in ms on a GPU
+        if case.target == "layer":
+            module = _pypi_layer(cfg) if case.impl == "pypi" else build_attention(cfg, k_schedule(cfg)[0])
+        else:
+            module = LinformerEncoder(cfg) if case.target == "encoder" else LinformerForMLM(cfg)
+            if case.target == "encoder":
+                init_weights(module, cfg)
     if case.target == "layer":
-        module = _pypi_layer(cfg) if case.impl == "pypi" else build_attention(cfg, k_schedule(cfg)[0])
         inputs = (torch.randn(B, L, cfg.hidden_size, generator=gen),)
     else:
-        module = LinformerEncoder(cfg) if case.target == "encoder" else LinformerForMLM(cfg)
-        if case.target == "encoder":
-            init_weights(module, cfg)
         inputs = (torch.randint(1, cfg.vocab_size, (B, L), generator=gen),)
     module = module.to(device=device, dtype=dtype)
     inputs = tuple(t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
@@ -468,6 +480,10 @@ def run_case(case: Case, peak_flops: Optional[float] = None, watch: Optional[Rss
     cfg = check_case(case)
     row = _row_base(case, cfg)
     device = torch.device(case.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if case.threads and torch.get_num_threads() != case.threads:
+        torch.set_num_threads(case.threads)
     torch.manual_seed(0)
     failure: Optional[BaseException] = None
     module = step = optimizer = None
@@ -495,13 +511,25 @@ def run_case(case: Case, peak_flops: Optional[float] = None, watch: Optional[Rss
             if watch is not None:
                 watch.reset()
             row["mem_method"] = "rss_hwm" if exact else ("rss_sampled" if watch else "rss_now")
+        cpu_times: list[float] = []
         for i in range(case.warmup + case.repeats):
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             _sync(device)
             if i >= case.warmup:
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
+        if device.type == "cpu":
+            # Our threads' CPU time over wall time x threads: well under 1 means other processes
+            # took cores from us while timing (the number to read before trusting a CPU timing).
+            row["cpu_share"] = sum(cpu_times) / (sum(times) * torch.get_num_threads())
+            row["loadavg_1m"] = os.getloadavg()[0]
+            row["threads"] = torch.get_num_threads()
+            row["wall_ms"] = statistics.median(times) * 1e3
+            row["cpu_ms"] = statistics.median(cpu_times) * 1e3
+            if case.clock == "cpu":
+                times = cpu_times
         if device.type == "cuda":
             peak_total = torch.cuda.max_memory_allocated(device)
             row["mem_baseline_mib"] = (baseline - base_alloc) / MIB
@@ -516,6 +544,8 @@ def run_case(case: Case, peak_flops: Optional[float] = None, watch: Optional[Rss
     if failure is not None:
         row["status"] = "oom" if _is_oom(failure) else "error"
         first = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+        if row["status"] == "oom":  # keep "CUDA out of memory. Tried to allocate X GiB."
+            first = ". ".join(first.split(". ")[:2]).rstrip(".") + "."
         row["reason"] = f"{type(failure).__name__}: {first[:300]}"
         failure.__traceback__ = None
     del module, step, optimizer, failure
@@ -541,7 +571,7 @@ def _fill_speed(row: dict, case: Case, cfg: ModelConfig, times: list[float],
         "time_ms": med * 1e3, "time_min_ms": min(times) * 1e3, "time_max_ms": max(times) * 1e3,
         "times_ms": [t * 1e3 for t in times],
         "tokens_per_s": case.batch_size * case.seq_len / med,
-        "flops": flops, "tflops": flops / med / 1e12,
+        "clock": case.clock, "flops": flops, "tflops": flops / med / 1e12,
         "mfu": (flops / med / peak_flops) if peak_flops else None,
     })
 
@@ -550,8 +580,8 @@ def _worker_main() -> None:
     """``python -m linformer_train.profiling --worker``: one case from stdin, one result line out."""
     spec = json.loads(sys.stdin.read())
     case = Case(**spec["case"])
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
+    if case.threads:
+        torch.set_num_threads(case.threads)
 
     def over_budget(rss: int) -> None:
         row = _row_base(case, None)
@@ -569,11 +599,11 @@ def _worker_main() -> None:
 
 
 def run_case_isolated(case: Case, peak_flops: Optional[float] = None,
-                      timeout: Optional[float] = None, threads: Optional[int] = None) -> dict:
+                      timeout: Optional[float] = None) -> dict:
     """Run a case in a fresh Python process (the honest way to read a CPU peak); never raises for
     a failure inside the case: the row's status says what happened."""
     check_case(case)
-    spec = {"case": dataclasses.asdict(case), "peak_flops": peak_flops, "threads": threads}
+    spec = {"case": dataclasses.asdict(case), "peak_flops": peak_flops}
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -619,13 +649,32 @@ def measure_case(case: Case, *, isolate: Optional[bool] = None, peak_flops: Opti
     return run_case(case, peak_flops)
 
 
+def wait_for_idle_cpu(max_busy: float, timeout: float, window: float = 1.0) -> float:
+    """Wait (at most ``timeout`` s) until the machine's CPU use over ``window`` s is below
+    ``max_busy`` (0-1), so a CPU timing does not share cores with other jobs. Returns the last use."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = psutil.cpu_percent(interval=window) / 100
+        if busy <= max_busy or time.monotonic() >= deadline:
+            return busy
+
+
 def run_sweep(cases: Sequence[Case], *, isolate: Optional[bool] = None,
               peak_flops: Optional[float] = None, on_row: Optional[Callable[[dict], None]] = None,
-              timeout: Optional[float] = None) -> list[dict]:
-    """Measure every case (in order), then add the ratios against the baselines."""
+              timeout: Optional[float] = None, idle_wait: Optional[tuple[float, float]] = None
+              ) -> list[dict]:
+    """Measure every case (in order), then add the ratios against the baselines. ``idle_wait``
+    = (max_busy, timeout): before each CPU case, wait for the machine to be that idle."""
     rows = []
     for case in cases:
+        busy = None
+        if idle_wait is not None and case.device == "cpu":
+            busy = wait_for_idle_cpu(*idle_wait)
         row = measure_case(case, isolate=isolate, peak_flops=peak_flops, timeout=timeout)
+        if busy is not None:
+            row["cpu_busy_before"] = busy
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -675,9 +724,10 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def find_max_batch(case: Case, budget_bytes: int, *, limit: int = 4096, refine: bool = True,
-                   runner: Optional[Callable[[Case], dict]] = None) -> dict:
+                   tolerance: float = 0.0, runner: Optional[Callable[[Case], dict]] = None) -> dict:
     """Largest batch whose peak total memory fits ``budget_bytes``: double from case.batch_size
-    until a run fails (OOM, over budget), then bisect between the last fit and the first failure.
+    until a run fails (OOM, over budget), then bisect between the last fit and the first failure
+    until they are 1 apart (or within ``tolerance`` x the last fit, to save runs on big batches).
     Returns {'max_batch', 'fit' (row of the largest fit), 'fail' (first failing row), 'tried'}."""
     run = runner or (lambda c: measure_case(c))
     tried: list[dict] = []
@@ -701,7 +751,7 @@ def find_max_batch(case: Case, budget_bytes: int, *, limit: int = 4096, refine: 
         b *= 2
     if refine and fit_row is not None and fail_row is not None:
         lo, hi = fit_row["batch"], fail_row["batch"]
-        while hi - lo > 1:
+        while hi - lo > max(1, int(lo * tolerance)):
             mid = (lo + hi) // 2
             row = attempt(mid)
             if row["status"] == "ok":
@@ -768,14 +818,15 @@ def deepspeed_model_state_bytes(params: int, largest_layer_params: int, zero_sta
 
     with contextlib.redirect_stdout(io.StringIO()):  # deepspeed logs its accelerator choice
         logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-        if zero_stage == 2:
+        try:
+            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
             from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
+        except ImportError:  # the estimate's own accounting still stands
+            return None
+        if zero_stage == 2:
             _, gpu = estimate_zero2_model_states_mem_needs(
                 params, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=False)
         else:
-            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
             _, gpu, _ = estimate_zero3_model_states_mem_needs(
                 params, largest_layer_params, num_gpus_per_node=per_node, num_nodes=nodes,
                 cpu_offload=False, cpu_offload_params=False)
@@ -930,9 +981,13 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, *, dtype: str = "
 
 
 def measure_matmul_peak(device: str = "cpu", dtype: str = "fp32", size: Optional[int] = None,
-                        repeats: int = 5) -> float:
-    """Best achieved FLOP/s of a square matmul: the peak that MFU is measured against."""
+                        repeats: int = 5, clock: str = "wall", threads: Optional[int] = None) -> float:
+    """Best achieved FLOP/s of a square matmul: the peak that MFU is measured against (with the
+    same clock and thread count as the cases it divides)."""
     dev = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    now = time.process_time if clock == "cpu" else time.perf_counter
     size = size or (8192 if dev.type == "cuda" else 4096)
     dt = DTYPES[dtype]
     a = torch.randn(size, size, device=dev).to(dt)
@@ -941,11 +996,11 @@ def measure_matmul_peak(device: str = "cpu", dtype: str = "fp32", size: Optional
     reps = repeats * (10 if dev.type == "cuda" else 1)
     for i in range(2 + reps):
         _sync(dev)
-        t0 = time.perf_counter()
+        t0 = now()
         torch.matmul(a, b)
         _sync(dev)
         if i >= 2:
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, now() - t0)
     return 2 * size**3 / best
 
 
@@ -990,10 +1045,10 @@ def default_budget_bytes(device: str) -> int:
 
 CSV_FIELDS = ("label", "impl", "attention", "k", "projection", "sharing", "target", "mode", "dtype",
               "device", "n", "batch", "layers", "hidden", "heads", "ffn", "status", "reason",
-              "time_ms", "time_min_ms", "tokens_per_s", "flops", "tflops", "mfu", "mem_step_mib",
+              "clock", "threads", "time_ms", "wall_ms", "cpu_ms", "time_min_ms", "tokens_per_s", "flops", "tflops", "mfu", "mem_step_mib",
               "mem_peak_mib", "mem_baseline_mib", "mem_method", "speedup_vs_naive",
               "mem_saved_vs_naive", "speedup_vs_sdpa", "mem_saved_vs_sdpa", "flop_ratio_vs_sdpa",
-              "flop_efficiency_vs_sdpa", "params")
+              "flop_efficiency_vs_sdpa", "params", "cpu_share", "loadavg_1m", "cpu_busy_before")
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -71,19 +71,20 @@ def test_case_flops_use_the_shared_formula():
 
 
 def test_isolated_sweep_measures_time_memory_and_ratios():
-    cases = prof.build_cases(tiny(), seq_lens=[256], attentions=["linformer", "full", "naive"],
+    cases = prof.build_cases(tiny(), seq_lens=[256], attentions=["linformer", "naive"],
                              ks=[32], modes=["backward"], warmup=1, repeats=2)
     rows = prof.run_sweep(cases, peak_flops=1e11)
-    assert [r["label"] for r in rows] == ["linformer k=32", "full (sdpa)", "naive"]
+    assert [r["label"] for r in rows] == ["linformer k=32", "naive"]
     for r in rows:
         assert r["status"] == "ok", r["reason"]
         assert r["time_ms"] > 0 and len(r["times_ms"]) == 2
         assert r["mem_step_mib"] > 0 and r["mem_peak_mib"] > r["mem_step_mib"]
         assert r["mem_method"] in ("rss_hwm", "rss_sampled")
         assert r["flops"] > 0 and r["mfu"] == pytest.approx(r["flops"] / (r["time_ms"] / 1e3) / 1e11)
-    lin, full, naive = rows
+        assert 0 < r["cpu_share"] <= 1.5
+    lin, naive = rows
     assert lin["speedup_vs_naive"] == pytest.approx(naive["time_ms"] / lin["time_ms"])
-    assert lin["mem_saved_vs_sdpa"] == pytest.approx(full["mem_step_mib"] / lin["mem_step_mib"])
+    assert lin["mem_saved_vs_naive"] == pytest.approx(naive["mem_step_mib"] / lin["mem_step_mib"])
     assert naive["speedup_vs_naive"] == pytest.approx(1.0)
     # the naive baseline materialises 4 heads x 256^2 fp32 scores per layer; Linformer does not
     assert naive["mem_step_mib"] > lin["mem_step_mib"]
@@ -192,7 +193,8 @@ def test_estimate_matches_a_hand_computation():
     s0, s2, s3 = est["stages"]
     assert s0["model_states_bytes"] == 20 * P                   # 2 + 2 + 4 + 4 + 8 bytes each
     assert s2["model_states_bytes"] == 2 * P + 18 * P / 4       # grads and optimizer partitioned
-    assert s2["deepspeed_model_states_bytes"] == int(2 * P + int(18 * P / 4))
+    if importlib.util.find_spec("deepspeed") is not None:  # GPU images may lack it
+        assert s2["deepspeed_model_states_bytes"] == int(2 * P + int(18 * P / 4))
     largest = 64 * 192 + 192  # the fused qkv Linear (64 -> 3 x 64, bias) beats the 128 x 64 embedding
     assert est["largest_layer_params"] == largest
     assert s3["model_states_bytes"] == 20 * P / 4 + 4 * largest  # + one gathered layer
@@ -309,3 +311,39 @@ def test_cuda_case_and_oom_stop():
     assert res["max_batch"] >= 1 and res["fail"]["status"] in ("oom", "over_budget")
     assert res["fail"]["batch"] == res["max_batch"] + 1
     assert math.isfinite(res["fit"]["time_ms"])
+
+
+# ------------------------------------------------------------------ the hot-path fix it led to
+
+
+def test_shared_projection_is_one_gemm_without_a_copy_of_the_keys():
+    """The profiler found Linformer using more memory than SDPA on the GPU: torch.matmul(E, K)
+    with K a view into the fused qkv output copied K (B*L*D) and kept the copy for backward.
+    _project_shared gives the same numbers and saves nothing but E."""
+    from linformer_train.model.attention import LinearProjection, _project_shared
+
+    torch.manual_seed(0)
+    B, L, H, Dh, k = 2, 48, 4, 8, 16
+    qkv = torch.randn(B, L, 3 * H * Dh, dtype=torch.float64, requires_grad=True)
+    keys = qkv.view(B, L, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)[1]    # (B, H, L, Dh) view
+    w = torch.randn(k, L, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fast = _project_shared(w, keys)
+    assert {t.untyped_storage().data_ptr() for t in saved} <= {
+        qkv.untyped_storage().data_ptr(), w.untyped_storage().data_ptr()}
+    ref = torch.matmul(w, keys)
+    assert torch.allclose(fast, ref)
+    g = torch.randn_like(ref)
+    grads_fast = torch.autograd.grad(fast, (qkv, w), g)
+    grads_ref = torch.autograd.grad(ref, (qkv, w), g)
+    assert all(torch.allclose(a, b) for a, b in zip(grads_fast, grads_ref))
+    # a contiguous (B, H, L, Dh) input (heads not adjacent) takes the plain path, same result
+    contiguous = keys.contiguous()
+    assert torch.allclose(_project_shared(w, contiguous), ref)
+    # through the module, with short inputs and per-sequence lengths (scaling applied after)
+    proj = LinearProjection(k, 64, None, "sqrt").double()
+    lengths = torch.tensor([48, 30])
+    y, _ = proj(keys, k, lengths)
+    expect = torch.matmul(proj.weight[:, :L], keys) * (64 / lengths.double()).sqrt().view(-1, 1, 1, 1)
+    assert torch.allclose(y, expect)

@@ -67,6 +67,9 @@ def _run_args(p: argparse.ArgumentParser, max_batch: bool = False) -> None:
                    help="project | pypi (lucidrains' linformer package; --target layer)")
     g.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     g.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    g.add_argument("--clock", default="wall",
+                   help="wall | cpu (process CPU time; with --threads 1, robust on a shared CPU)")
     g.add_argument("--warmup", type=int, default=1)
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--mask-prob", type=float, default=0.15)
@@ -76,6 +79,9 @@ def _run_args(p: argparse.ArgumentParser, max_batch: bool = False) -> None:
     g.add_argument("--no-isolate", action="store_true",
                    help="run CPU cases in this process (faster, but its RSS peak is not trustworthy)")
     g.add_argument("--timeout", type=float, default=None, help="seconds per case (isolated runs)")
+    g.add_argument("--wait-idle", type=float, nargs=2, default=None, metavar=("BUSY", "SECONDS"),
+                   help="before each CPU case wait up to SECONDS for machine CPU use below BUSY (0-1), "
+                        "e.g. 0.3 120 on a shared machine")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for MFU; measured with a matmul when unset")
     o = p.add_argument_group("output")
@@ -99,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(m, max_batch=True)
     m.add_argument("--max-batch-limit", type=int, default=4096)
     m.add_argument("--no-refine", action="store_true", help="stop at powers of two (no bisection)")
+    m.add_argument("--refine-tolerance", type=float, default=0.0,
+                   help="stop bisecting when the bracket is within this share of the last fit")
 
     e = sub.add_parser("estimate", help="memory per GPU by ZeRO stage, without a run")
     _model_args(e)
@@ -121,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="auto")
     k.add_argument("--dtype", default="fp32")
     k.add_argument("--size", type=int, default=None)
+    k.add_argument("--threads", type=int, default=None)
+    k.add_argument("--clock", default="wall", help="wall | cpu")
     return p
 
 
@@ -176,7 +186,7 @@ def _cases(args, device: str, budget: int | None):
         sharings=args.sharing, batch_sizes=getattr(args, "batch_size", [1]), modes=args.mode,
         target=args.target, impls=args.impl, num_layers=args.layers, dtype=args.dtype,
         device=device, warmup=args.warmup, repeats=args.repeats, mask_prob=args.mask_prob,
-        budget_bytes=budget)
+        budget_bytes=budget, threads=args.threads, clock=args.clock)
 
 
 def _peak(args, device: str) -> float:
@@ -184,7 +194,7 @@ def _peak(args, device: str) -> float:
 
     if args.peak_tflops is not None:
         return args.peak_tflops * 1e12
-    return prof.measure_matmul_peak(device, args.dtype)
+    return prof.measure_matmul_peak(device, args.dtype, clock=args.clock, threads=args.threads)
 
 
 def _out_dir(args) -> Path:
@@ -204,16 +214,23 @@ def cmd_sweep(args) -> int:
     console.print(f"[dim]{len(cases)} cases on {device}; peak {peak / 1e12:.3f} TFLOP/s "
                   f"({args.dtype} matmul); budget {budget / prof.GIB:.1f} GiB[/dim]")
 
+    out = _out_dir(args)
+    meta = prof.machine_info(device)
+    meta.update(peak_flops=peak, budget_bytes=budget, isolated=not args.no_isolate or device != "cpu")
+    done: list[dict] = []
+
     def on_row(r):
-        what = (f"{r['time_ms']:.1f} ms, {r['mem_step_mib']:.0f} MiB" if r["status"] == "ok"
+        done.append(r)  # a partial file survives an interrupted sweep
+        prof.write_json(out / "results.json", {"kind": "sweep", "machine": meta, "rows": done,
+                                               "partial": True})
+        what = (f"{r['time_ms']:.1f} ms, {r['mem_step_mib']:.0f} MiB"
+                + (f", cpu share {r['cpu_share']:.2f}" if r.get("cpu_share") else "") if r["status"] == "ok"
                 else f"{r['status']}: {r['reason']}")
         console.print(f"  {r['label']:<22} {r['mode']:<8} n={r['n']:<6} b={r['batch']:<4} {what}")
 
     rows = prof.run_sweep(cases, isolate=False if args.no_isolate else None, peak_flops=peak,
-                          on_row=on_row, timeout=args.timeout)
-    out = _out_dir(args)
-    meta = prof.machine_info(device)
-    meta.update(peak_flops=peak, budget_bytes=budget, isolated=not args.no_isolate or device != "cpu")
+                          on_row=on_row, timeout=args.timeout,
+                          idle_wait=tuple(args.wait_idle) if args.wait_idle else None)
     prof.write_json(out / "results.json", {"kind": "sweep", "machine": meta, "rows": rows})
     prof.write_csv(out / "results.csv", rows)
     plots = [] if args.no_plots else prof.plot_rows(rows, out, args.title)
@@ -232,9 +249,15 @@ def cmd_max_batch(args) -> int:
     args.batch_size = [1]
     cases = _cases(args, device, budget)
     peak = _peak(args, device)
+    out = _out_dir(args)
+    meta = prof.machine_info(device)
+    meta.update(peak_flops=peak, budget_bytes=budget)
     results = []
     for case in cases:
+        if args.wait_idle and device == "cpu":
+            prof.wait_for_idle_cpu(*args.wait_idle)
         res = prof.find_max_batch(case, budget, limit=args.max_batch_limit, refine=not args.no_refine,
+                                  tolerance=args.refine_tolerance,
                                   runner=lambda c: prof.measure_case(
                                       c, isolate=False if args.no_isolate else None,
                                       peak_flops=peak, timeout=args.timeout))
@@ -244,10 +267,9 @@ def cmd_max_batch(args) -> int:
         console.print(f"  {case.label:<22} {case.mode:<8} n={case.seq_len:<6} max batch "
                       f"{res['max_batch']}{why}")
         results.append(res)
+        prof.write_json(out / "max_batch.json", {"kind": "max-batch", "machine": meta,
+                                                 "results": results, "partial": True})
     prof.add_batch_ratios(results)
-    out = _out_dir(args)
-    meta = prof.machine_info(device)
-    meta.update(peak_flops=peak, budget_bytes=budget)
     prof.write_json(out / "max_batch.json", {"kind": "max-batch", "machine": meta, "results": results})
     flat = [dict(r["fit"], max_batch=r["max_batch"]) for r in results if r.get("fit")]
     prof.write_csv(out / "max_batch.csv", flat)
@@ -322,8 +344,12 @@ def cmd_peak(args) -> int:
         from linformer_train.config import ConfigError
 
         raise ConfigError(f"--dtype {args.dtype!r} is not allowed; choose one of {', '.join(prof.DTYPES)}")
-    peak = prof.measure_matmul_peak(device, args.dtype, args.size)
-    print(f"{device} {args.dtype} matmul peak: {peak / 1e12:.3f} TFLOP/s")
+    peak = prof.measure_matmul_peak(device, args.dtype, args.size, clock=args.clock,
+                                    threads=args.threads)
+    import torch
+
+    print(f"{device} {args.dtype} matmul peak: {peak / 1e12:.3f} TFLOP/s "
+          f"({args.clock} clock, {torch.get_num_threads()} threads)")
     return 0
 
 
