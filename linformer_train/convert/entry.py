@@ -15,7 +15,7 @@ USAGE = """\
 """
 
 
-def _model_overrides(items: Sequence[str], allowed: Sequence[str]) -> dict:
+def _model_overrides(items: Sequence[str], allowed: Sequence[str], why: str = "") -> dict:
     """``model.k=64`` style overrides -> {"k": 64}; values parsed as YAML (ints, lists, dicts)."""
     import yaml
 
@@ -26,13 +26,25 @@ def _model_overrides(items: Sequence[str], allowed: Sequence[str]) -> dict:
             raise UsageError(f"override {item!r} is not key=value (e.g. model.max_seq_len=4096)")
         name = key[len("model."):] if key.startswith("model.") else None
         if name not in allowed:
-            raise UsageError(f"{key} cannot be set here; choose among "
+            raise UsageError(f"{key} cannot be set here{why}; choose among "
                              f"{', '.join('model.' + a for a in allowed)}")
         try:
             out[name] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise UsageError(f"{key}={value!r} is not a valid value") from None
     return out
+
+
+def parse_with_overrides(parser, argv: Sequence[str]):
+    """parse_args, except that key=value overrides may also follow the options (argparse stops
+    filling a positional list at the first option)."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + list(extra)
+    return args
 
 
 def convert(argv: Sequence[str]) -> int:
@@ -50,9 +62,9 @@ def convert(argv: Sequence[str]) -> int:
     p = sub.add_parser("resize", help="change n (max_seq_len) and k")
     p.add_argument("model")
     p.add_argument("out")
-    p.add_argument("overrides", nargs="+", metavar="model.key=value")
+    p.add_argument("overrides", nargs="*", metavar="model.key=value")
     p.add_argument("--positions", choices=("interpolate", "copy"), default="interpolate")
-    p.add_argument("--projection-scaling", choices=("sqrt", "linear", "none"), default="sqrt")
+    p.add_argument("--projection-scaling", choices=("norm", "linear", "none"), default="norm")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
@@ -72,7 +84,7 @@ def convert(argv: Sequence[str]) -> int:
     p = sub.add_parser("inspect", help="print a model directory's description")
     p.add_argument("model")
 
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
 
     if args.command == "export":
         from linformer_train.convert.export import export_checkpoint
@@ -81,7 +93,7 @@ def convert(argv: Sequence[str]) -> int:
     elif args.command == "resize":
         from linformer_train.convert.resize import resize_model_dir
 
-        ov = _model_overrides(args.overrides, ("max_seq_len", "k"))
+        ov = _model_overrides(args.overrides, ("max_seq_len", "k"), " (resize changes n and k only)")
         if "max_seq_len" not in ov:
             raise UsageError("resize needs model.max_seq_len=N (and optionally model.k=K)")
         out = resize_model_dir(args.model, args.out, ov["max_seq_len"], ov.get("k"), args.positions,
@@ -90,7 +102,8 @@ def convert(argv: Sequence[str]) -> int:
         from linformer_train.convert.hf import USER_FIELDS, warm_start
 
         out = warm_start(args.hf_dir, args.out, args.tokenizer,
-                         _model_overrides(args.overrides, USER_FIELDS), args.positions,
+                         _model_overrides(args.overrides, USER_FIELDS, " (it comes from the Hugging Face model)"),
+                         args.positions,
                          args.min_vocab_coverage, args.init_head, args.dtype, args.overwrite, args.seed)
     else:
         return _inspect(args.model)

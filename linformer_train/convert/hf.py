@@ -32,7 +32,8 @@ Vocabulary: the Linformer uses this project's sentencepiece tokenizer (ids 0-4 a
 <unk> <mask>), so every piece is looked up in the HF vocabulary by its text: ``▁`` becomes a
 leading space and byte-level BPE's byte alphabet (``Ġ``) for RoBERTa, a word start / ``##``
 continuation for WordPiece, the same piece for a sentencepiece (Unigram) vocabulary; byte pieces
-``<0xNN>`` map to their byte. The specials map to the HF specials (<s>/[CLS], </s>/[SEP], ...). A
+``<0xNN>`` map to their byte (WordPiece has no byte alphabet: a printable ASCII byte maps to its
+character, any other byte and the bare word boundary ``▁`` to [UNK], as the HF model reads them). The specials map to the HF specials (<s>/[CLS], </s>/[SEP], ...). A
 piece missing from the HF vocabulary is a mismatch: refused unless ``min_vocab_coverage`` allows it,
 in which case its row starts as the mean of the rows of its characters.
 """
@@ -209,8 +210,12 @@ def read_hf_vocab(hf_dir: Path, family: dict) -> tuple[dict[str, int], str, bool
                           f"it is needed to map the model's rows onto the tokenizer's pieces")
 
 
+def _is_byte_piece(piece: str) -> bool:
+    return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+
+
 def _piece_bytes(piece: str) -> Optional[bytes]:
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+    if _is_byte_piece(piece):
         try:
             return bytes([int(piece[3:5], 16)])
         except ValueError:
@@ -230,6 +235,9 @@ def _candidates(piece: str, style: str, lower: bool) -> tuple[list[str], list[st
         s = "".join(enc[b] for b in data)
         return [s], list(s)
     # wordpiece
+    if _is_byte_piece(piece):
+        ch = data.decode("latin-1")
+        return ([ch, "##" + ch] if 33 <= data[0] < 127 else []), []
     text = data.decode("utf-8", errors="replace")
     if lower:
         text = text.lower()
@@ -257,7 +265,7 @@ def build_vocab_map(hf_dir: str | os.PathLike, tokenizer) -> dict:
         if piece not in vocab:
             raise ConversionError(f"{hf_dir}'s vocabulary has no {piece} (the {name} token)")
         ids[our_id] = vocab[piece]
-    fallback, missing = {}, []
+    fallback, missing, as_unk = {}, [], 0
     specials = set(SPECIAL_IDS.values())
     for i in range(tokenizer.vocab_size):
         if i in specials:
@@ -265,6 +273,11 @@ def build_vocab_map(hf_dir: str | os.PathLike, tokenizer) -> dict:
         piece = tokenizer.sp.IdToPiece(i)
         exact, chars = _candidates(piece, style, lower)
         hit = next((vocab[c] for c in exact if c in vocab), None)
+        if hit is None and style == "wordpiece" and (_is_byte_piece(piece) or piece == WORD_START):
+            # a byte with no spelling in a WordPiece vocabulary reads as <unk> in the HF model too;
+            # a bare word boundary has no WordPiece token at all (whitespace is dropped)
+            hit = vocab[family["specials"]["unk"]]
+            as_unk += 1
         if hit is not None:
             ids[i] = hit
             continue
@@ -276,7 +289,7 @@ def build_vocab_map(hf_dir: str | os.PathLike, tokenizer) -> dict:
         raise ConversionError(f"{hf_dir}'s vocabulary has ids beyond its vocab_size={hf_size}; the "
                               f"tokenizer files do not belong to these weights")
     return {"ids": ids, "fallback": fallback, "matched": total - len(missing), "total": total,
-            "missing": missing, "style": style}
+            "missing": missing, "style": style, "as_unk": as_unk}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,6 +343,8 @@ def warm_start(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer:
         "pad_token_id": 0, "init_std": hf.get("initializer_range", 0.02),
         **overrides,
     }
+    if "k" not in overrides:  # the paper's n=512 -> k=128 ratio, whatever n is
+        raw["k"] = max(1, min(128, raw["max_seq_len"] // 4))
     try:
         cfg = config_from_dict({"model": raw}).model
     except ConfigError as exc:
@@ -425,6 +440,7 @@ def warm_start(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer:
     source = {"kind": "hf-warm-start", "from": str(hf_dir.resolve()), "model_type": hf["model_type"],
               "hf_max_positions": n_hf, "position_offset": offset, "positions": positions,
               "vocab_style": vmap["style"], "vocab_matched": vmap["matched"], "vocab_total": vmap["total"],
+              "vocab_as_unk": vmap["as_unk"],
               "segment_embeddings": "row 0 folded into positions",
               "initialised": [k for k in ours if "proj" in k] + ([] if head_present else ["MLM head"])}
     return save_pretrained(model, out_dir, tokenizer=tok.path, dtype=dtype, source=source,

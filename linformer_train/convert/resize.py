@@ -7,13 +7,15 @@ Shorter n keeps the first n' rows, which are exactly the rows inputs of length <
 
 Linear projections E, F ((k, n), or (H, k, n) with sharing=none):
 
-- columns (the sequence axis) are interpolated linearly from n to n' and scaled by
-  ``projection_scaling``: ``sqrt`` (default) multiplies by sqrt(n / n'). A slot of E·K sums n' terms
-  instead of n; for tokens whose keys are not correlated its variance grows with the number of
-  terms, so sqrt(n / n') keeps E·K at its old magnitude, and an E drawn at the init's std 1/sqrt(n)
-  comes out with exactly the std 1/sqrt(n') a fresh init at n' would have. ``linear`` multiplies
-  by n / n' (keeps E·K for a stretched input, each token repeated n'/n times: the Riemann-sum view);
-  ``none`` leaves the values as interpolated.
+- columns (the sequence axis) are interpolated linearly from n to n' and rescaled by
+  ``projection_scaling``. ``norm`` (default) rescales each row to its old L2 norm: a slot of E·K
+  sums n' terms instead of n, and for tokens whose keys are uncorrelated its variance is
+  var(K) x ||row||^2, so keeping each row's norm keeps E·K at its old magnitude exactly. For a
+  smooth row that factor is about sqrt(n / n'); for a row still close to its N(0, 1/n) init it is
+  larger, because interpolating between independent entries shrinks their spread (by ~sqrt(2/3)),
+  and the result then has the per-entry std of a fresh N(0, 1/n') init. ``linear`` multiplies by
+  n / n' (keeps E·K for a stretched input, each token repeated n'/n times: the Riemann-sum view);
+  ``none`` leaves the interpolated values as they are.
 - shrinking n keeps the first n' columns times sqrt(n / n') (for short_input_scaling=sqrt; n / n'
   for length, 1 for none): then every input of length <= n' gives exactly the outputs it gave
   before, since the model already read only those columns, rescaled by the same rule.
@@ -42,7 +44,7 @@ from linformer_train.convert.model_dir import (architecture_of, build_model, che
                                                to_dict_model, tokenizer_file)
 
 POSITION_METHODS = ("interpolate", "copy")
-PROJECTION_SCALINGS = ("sqrt", "linear", "none")
+PROJECTION_SCALINGS = ("norm", "linear", "none")
 
 
 def extend_positions(weight: torch.Tensor, n_new: int, method: str = "interpolate") -> torch.Tensor:
@@ -66,15 +68,17 @@ def resize_projection(weight: torch.Tensor, fresh: torch.Tensor, scaling: str,
     n, n_new = weight.shape[-1], fresh.shape[-1]
     k, k_new = weight.shape[-2], fresh.shape[-2]
     if n_new >= n:
-        lead = weight.shape[:-1]
         x = weight.reshape(-1, 1, n).float()                            # (rows, 1, n)
         y = F.interpolate(x, size=n_new, mode="linear", align_corners=True) if n_new > n else x
-        y = y.reshape(*lead, n_new)                                     # (.., k, n_new)
-        factor = {"sqrt": math.sqrt(n / n_new), "linear": n / n_new, "none": 1.0}[scaling]
+        y = y.reshape(*weight.shape[:-1], n_new)                        # (.., k, n_new)
+        if scaling == "norm":
+            old_norm = weight.float().norm(dim=-1, keepdim=True)        # (.., k, 1)
+            y = y * (old_norm / y.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+        elif scaling == "linear":
+            y = y * (n / n_new)
     else:
-        y = weight[..., :n_new].float()
         factor = {"sqrt": math.sqrt(n / n_new), "length": n / n_new, "none": 1.0}[short_input_scaling]
-    y = y * factor
+        y = weight[..., :n_new].float() * factor
     out = fresh.clone().float()
     keep = min(k, k_new)
     out[..., :keep, :] = y[..., :keep, :]
@@ -86,7 +90,7 @@ def _is_linear_projection(key: str) -> bool:
 
 
 def resize_model(model: nn.Module, max_seq_len: int, k: Any = None, positions: str = "interpolate",
-                 projection_scaling: str = "sqrt", seed: int = 0) -> nn.Module:
+                 projection_scaling: str = "norm", seed: int = 0) -> nn.Module:
     """A new model at n=max_seq_len (and k, if given) carrying ``model``'s weights over."""
     if positions not in POSITION_METHODS:
         raise ConversionError(f"positions={positions!r} is unknown; choose one of {', '.join(POSITION_METHODS)}")
@@ -134,7 +138,7 @@ def resize_model(model: nn.Module, max_seq_len: int, k: Any = None, positions: s
 
 
 def resize_model_dir(src: str | os.PathLike, out_dir: str | os.PathLike, max_seq_len: int,
-                     k: Any = None, positions: str = "interpolate", projection_scaling: str = "sqrt",
+                     k: Any = None, positions: str = "interpolate", projection_scaling: str = "norm",
                      dtype: Optional[str] = None, overwrite: bool = False, seed: int = 0):
     check_output_dir(out_dir, overwrite)
     info = load_model_info(src)

@@ -9,13 +9,14 @@ from linformer_train.cli import make_parser
 
 def finetune(argv: Sequence[str]) -> int:
     parser = make_parser("finetune", "Fine-tune a Linformer for classification, or predict with one.")
+    # the deepspeed launcher puts --local_rank=N before the subcommand
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=_suppress())
     sub = parser.add_subparsers(dest="command", metavar="{train,predict}")
     sub.required = True
 
     p = sub.add_parser("train", help="fine-tune (deepspeed / torchrun / python)")
     p.add_argument("--config", action="append", default=[], metavar="YAML",
                    help="config file (repeatable; later files override earlier ones)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=_suppress())
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. model.pretrained=models/base task.preset=sst2 optim.lr=1e-5")
 
@@ -30,7 +31,9 @@ def finetune(argv: Sequence[str]) -> int:
     p.add_argument("--pair-column")
     p.add_argument("--max-length", type=int)
 
-    args = parser.parse_args(argv)
+    from linformer_train.convert.entry import parse_with_overrides
+
+    args = parse_with_overrides(parser, argv)
     if args.command == "predict":
         from linformer_train.finetune.predict import predict_file
 
@@ -41,14 +44,17 @@ def finetune(argv: Sequence[str]) -> int:
 
     from linformer_train.finetune.config import load_finetune_config
 
-    cfg = load_finetune_config(args.config, args.overrides)  # every rank: fail fast, before init
+    cfg = load_finetune_config(args.config, args.overrides)
 
-    from linformer_train.finetune.loop import run_finetune
+    from linformer_train.finetune.loop import prepare_task, run_finetune
     from linformer_train.train.distributed import destroy_distributed, init_distributed
 
+    # every rank reads and checks the data before any process group exists: a bad input is one
+    # line from each rank, and nobody waits at a barrier for a rank that failed
+    prep = prepare_task(cfg)
     init_distributed()
     try:
-        run_finetune(cfg)
+        run_finetune(cfg, prep)
     finally:
         destroy_distributed()
     return 0

@@ -303,12 +303,12 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict:
+def run_finetune(cfg: FinetuneConfig, prep: Optional[PreparedTask] = None) -> dict:
     """Every seed of ``cfg`` on the initialised process group; returns (and on rank 0 writes to
     ``output_dir/results.json``) the summary."""
     from omegaconf import OmegaConf
 
-    prep = prepare_task(cfg)
+    prep = prep or prepare_task(cfg)
     out = Path(cfg.train.output_dir)
     rank = dist.get_rank()
     if rank == 0:
