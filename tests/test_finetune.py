@@ -79,7 +79,7 @@ def single_task(data: Path, out: Path, *extra: str) -> list[str]:
 def pair_task(data: Path, out: Path, *extra: str) -> list[str]:
     return [f"model.pretrained={data / 'pretrained'}", f"task.train_file={data / 'train_pair.jsonl'}",
             f"task.eval_file={data / 'dev_pair.jsonl'}", "task.text_column=premise",
-            "task.pair_column=hypothesis", "train.epochs=8", "train.micro_batch_size=32", "optim.lr=3e-3",
+            "task.pair_column=hypothesis", "train.epochs=5", "train.micro_batch_size=32", "optim.lr=5e-3",
             "logging.log_every=10", "logging.tensorboard=false", f"train.output_dir={out}", *extra]
 
 
