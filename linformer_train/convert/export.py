@@ -30,8 +30,8 @@ import torch
 
 from linformer_train.config import Config, ConfigError, config_from_dict
 from linformer_train.convert import ConversionError
-from linformer_train.convert.model_dir import (atomic_output_dir, build_model, check_output_dir,
-                                               check_state_dict, expected_shapes, save_pretrained)
+from linformer_train.convert.model_dir import (build_model, check_output_dir, check_state_dict,
+                                               expected_shapes, save_pretrained)
 
 LATEST = "latest"
 COMPLETE = "complete.json"
@@ -207,5 +207,4 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype
                            labels=client.get("labels"), overwrite=overwrite)
 
 
-__all__ = ["export_checkpoint", "read_checkpoint", "resolve_checkpoint", "find_tokenizer",
-           "atomic_output_dir"]
+__all__ = ["export_checkpoint", "read_checkpoint", "resolve_checkpoint", "find_tokenizer"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -30,9 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from linformer_train.config import ConfigError
-from linformer_train.convert.model_dir import (atomic_output_dir, build_model, from_pretrained,
-                                               load_model_info, read_model_config, save_pretrained,
-                                               tokenizer_file)
+from linformer_train.convert.model_dir import (build_model, from_pretrained, load_model_info,
+                                               read_model_config, save_pretrained, tokenizer_file)
 from linformer_train.data import DataError
 from linformer_train.finetune.config import FinetuneConfig, ds_view, to_dict
 from linformer_train.finetune.data import Encoded, encode, eval_batches, steps_per_epoch, train_batches
@@ -143,8 +143,8 @@ class SeedRun:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         accel = get_accelerator()
-        self.device = torch.device(accel.current_device_name()) if accel.device_name() != "cpu" \
-            else torch.device("cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))  # as the pretraining Trainer places itself
+        self.device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
         tr = cfg.train
         self.global_batch = tr.micro_batch_size * tr.grad_accum_steps * self.world
         per_epoch = steps_per_epoch(len(prep.train), self.global_batch)
@@ -339,5 +339,4 @@ def run_finetune(cfg: FinetuneConfig, prep: Optional[PreparedTask] = None) -> di
     return summary
 
 
-__all__ = ["run_finetune", "prepare_task", "SeedRun", "gather_fp32_state", "FinetuneError",
-           "atomic_output_dir"]
+__all__ = ["run_finetune", "prepare_task", "SeedRun", "gather_fp32_state", "FinetuneError"]
