@@ -229,7 +229,7 @@ def _two_ranks(overrides: list[str]) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # fork of a process running threads can deadlock
     out = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, port, overrides, out)) for r in (0, 1)]
     for p in procs:
@@ -240,6 +240,7 @@ def _two_ranks(overrides: list[str]) -> dict:
     return results
 
 
+@pytest.mark.slow
 def test_two_process_ranks_share_one_preparation(tmp_path):
     from pydoc_data.topics import topics
 
