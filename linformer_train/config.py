@@ -157,6 +157,8 @@ class TrainConfig:
     eval_batches: int = 20
     activation_checkpointing: bool = False
     """Recompute each block in backward (non-reentrant torch.utils.checkpoint)."""
+    compile: bool = False
+    """torch.compile each encoder block (fuses LayerNorm, GELU, dropout and residuals on GPU)."""
     nonfinite_policy: str = "skip"
     """What a non-finite loss or grad norm does: skip (drop the step, count it) | stop."""
     max_consecutive_skips: int = 10

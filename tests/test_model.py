@@ -185,3 +185,16 @@ def test_flops_linformer_is_linear_in_n():
 def test_mean_projection_rejects_indivisible_n():
     with pytest.raises(ConfigError, match="needs n divisible by k"):
         model_cfg(projection="mean", k=24)
+
+
+def test_compiled_blocks_match_eager():
+    torch.manual_seed(5)
+    cfg = model_cfg(num_layers=1, sharing="layerwise", k=8)
+    eager = LinformerForMLM(cfg).eval()
+    compiled = LinformerForMLM(cfg).eval()
+    compiled.load_state_dict(eager.state_dict())
+    from linformer_train.model import apply_compile
+
+    apply_compile(compiled)
+    ids = torch.randint(5, 97, (2, 64))
+    assert (eager(ids) - compiled(ids)).abs().max() < 1e-4

@@ -189,6 +189,15 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
             m.activation_checkpointing = True
 
 
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile every encoder block in place. Blocks, not the whole model: the MLM head's
+    gather of predicted positions has a data-dependent shape that would force recompiles."""
+    for m in model.modules():
+        if isinstance(m, LinformerEncoder):
+            for block in m.layers:
+                block.compile(dynamic=False)
+
+
 def count_projection_matrices(model: nn.Module) -> int:
     """Distinct learned E/F matrices (a per-head (H, k, n) tensor counts H)."""
     total = 0

@@ -28,7 +28,12 @@ import torch
 import torch.distributed as dist
 
 from linformer_train.config import Config, ConfigError, save_config, to_dict, config_from_dict
-from linformer_train.model import LinformerForMLM, apply_activation_checkpointing, mlm_train_flops
+from linformer_train.model import (
+    LinformerForMLM,
+    apply_activation_checkpointing,
+    apply_compile,
+    mlm_train_flops,
+)
 from linformer_train.train.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
 from linformer_train.train.ds_config import build_ds_config
 from linformer_train.train.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes
@@ -105,7 +110,7 @@ class Trainer:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        from linformer_train.train.data_setup import build_training_data
+        from linformer_train.data.loader import build_training_data
 
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -132,6 +137,8 @@ class Trainer:
         model = LinformerForMLM(cfg.model)
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
+        if cfg.train.compile:
+            apply_compile(model)
         self.n_params = sum(p.numel() for p in model.parameters())
         optimizer = self._build_optimizer(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
