@@ -165,6 +165,9 @@ class TrainConfig:
     """Stop with a clear message after this many skipped steps in a row."""
     run_dir: str = "runs/default"
     """Everything a run writes: resolved config, checkpoints, TensorBoard events, prepared data."""
+    init_from: Optional[str] = None
+    """Start from the weights of a model directory (tools/convert.py export / resize / warm-start);
+    its model section must match this config's. Ignored when resuming a checkpoint."""
     peak_tflops: Optional[float] = None
     """Device peak for MFU; measured with a matmul at start when unset."""
 

@@ -147,3 +147,22 @@ def test_two_ranks_bf16_zero(prepared_data, tmp_path, stage):
         after = [r["loss"] for r in read_metrics(run)][24:]
         assert [r["step"] for r in read_metrics(run)][24:] == [25, 26, 27, 28]
         assert max(after) < losses[0] - 0.5  # carries on from the trained weights, not from scratch
+
+
+def test_init_from_an_exported_model_directory(prepared_data, tmp_path):
+    first = tmp_path / "first"
+    common = ["train.eval_every=0", "checkpoint.save_every=0"]
+    assert pretrain(tiny_overrides(prepared_data, first, "train.max_steps=40", *common)).returncode == 0
+    model_dir = tmp_path / "exported"
+    exp = run_cli([sys.executable, "tools/convert.py", "export", str(first), str(model_dir)])
+    assert exp.returncode == 0, exp.stderr[-3000:]
+    second = tmp_path / "second"
+    res = pretrain(tiny_overrides(prepared_data, second, "train.max_steps=3", f"train.init_from={model_dir}", *common))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"initialised from {model_dir}" in res.stdout
+    trained_start = read_metrics(second)[0]["loss"]
+    fresh_start = read_metrics(first)[0]["loss"]
+    assert trained_start < fresh_start - 1.0
+    bad = pretrain(tiny_overrides(prepared_data, tmp_path / "third", "model.k=8", f"train.init_from={model_dir}"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert f"error: {model_dir} has model.k=16 but the config says 8" in bad.stderr

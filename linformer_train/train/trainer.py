@@ -14,6 +14,7 @@ flags, which every rank must agree on) plus the metrics on logging steps.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -135,6 +136,8 @@ class Trainer:
                                         rank=self.rank, world_size=self.world_size)
 
         model = LinformerForMLM(cfg.model)
+        if cfg.train.init_from:
+            self._init_from(model, Path(cfg.train.init_from))
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.train.compile:
@@ -176,6 +179,16 @@ class Trainer:
             # the one mode where DeepSpeed hands steps straight to the optimizer with no overflow check
             return FiniteAdamW(groups, fused=fused, **kwargs)
         return torch.optim.AdamW(groups, fused=fused, **kwargs)
+
+    def _init_from(self, model: LinformerForMLM, path: Path) -> None:
+        """Load a model directory's weights into the fresh model: strict keys, same structure."""
+        from linformer_train.convert.model_dir import from_pretrained, read_model_config
+
+        self._check_compatible({"model": dataclasses.asdict(read_model_config(path))}, path)
+        pretrained = from_pretrained(path, "mlm")
+        model.load_state_dict(pretrained.state_dict(), strict=True)
+        if self.is_main:
+            print(f"initialised from {path}", flush=True)
 
     def _check_resume_target(self) -> None:
         """Fail before any expensive work when the named checkpoint cannot be used."""
@@ -226,15 +239,15 @@ class Trainer:
     def _check_compatible(self, saved: Optional[dict], path: Path) -> None:
         if not saved:
             return
-        old = config_from_dict(saved).model
+        old = config_from_dict({"model": saved["model"]}).model
         new = self.cfg.model
         for key in ("max_seq_len", "hidden_size", "num_layers", "num_heads", "vocab_size", "k",
                     "sharing", "projection", "attention"):
             if getattr(old, key) != getattr(new, key):
                 raise ConfigError(
-                    f"checkpoint {path} has model.{key}={getattr(old, key)!r} but the config says "
-                    f"{getattr(new, key)!r}; resume with the checkpoint's model or convert it "
-                    f"(tools/convert.py)"
+                    f"{path} has model.{key}={getattr(old, key)!r} but the config says "
+                    f"{getattr(new, key)!r}; use the saved model's settings or convert it "
+                    f"(tools/convert.py resize)"
                 )
 
     # ------------------------------------------------------------------------------------ train
