@@ -92,7 +92,6 @@ def write_corpus(root: Path, megabytes: float) -> Path:
 
 
 def throughput(args) -> dict:
-    import numpy as np
     import sentencepiece as spm
 
     from linformer_train.data.corpus import builtin_documents

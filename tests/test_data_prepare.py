@@ -220,7 +220,7 @@ def test_bad_input_counts_reach_the_manifest(corpus, tok_path, tmp_path):
             stats["empty_files"]) == (1, 1, 1, 1)
     text = summarize(m)
     assert "bad input: 1 empty files (first: " in text and "1 invalid json lines (first: " in text
-    assert f"b.jsonl:2" in text
+    assert "b.jsonl:2" in text
 
 
 def test_chunked_preparation_gives_the_same_blocks(corpus, tok_path, tmp_path, monkeypatch):

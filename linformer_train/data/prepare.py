@@ -42,8 +42,7 @@ import numpy as np
 from linformer_train.data import DataError
 from linformer_train.data.corpus import Source, build_source
 from linformer_train.data.tokenizer import (BOS_ID, EOS_ID, MODEL_FILE, Tokenizer, load_tokenizer,
-                                            meta_path, model_path, sha256_file, train_tokenizer,
-                                            training_spec)
+                                            meta_path, model_path, train_tokenizer, training_spec)
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -434,7 +433,10 @@ def _tokenize_and_pack(source: Source, tok: Tokenizer, cfg: "DataConfig", seq_le
         for values, lengths in batches:
             packer.add(values, lengths)
         total = time.perf_counter() - t0
-        timings["pack"] = total - timings.get("read", 0.0) - timings.get("tokenize", 0.0)
+        if "tokenize" in timings:
+            timings["pack"] = total - timings["read"] - timings["tokenize"]
+        else:  # streamed: reading, encoding and packing interleave
+            timings["read_tokenize_pack"] = total
         counts = packer.finish(out_dir, source.description)
     except BaseException:
         packer.abort()
