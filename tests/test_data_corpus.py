@@ -154,7 +154,7 @@ def test_builtin_corpus_is_real_deterministic_and_a_few_megabytes():
     src = BuiltinSource(max_documents=5)
     assert docs_of(src) == list(docs[:5])
     assert src.fingerprint() == BuiltinSource(max_documents=5).fingerprint()
-    assert src.fingerprint()["sha256"] == BuiltinSource().fingerprint()["sha256"]
+    assert src.fingerprint()["files_sha256"] == BuiltinSource().fingerprint()["files_sha256"]
 
 
 def test_stats_summary_is_one_line():
