@@ -36,6 +36,8 @@ def bench_one(overrides: list[str], run_dir: Path, launcher: list[str], timeout:
     cmd = [*launcher, str(ROOT / "launch/pretrain.py"), *overrides, f"train.run_dir={run_dir}"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if res.returncode < 0:  # killed: on a CPU box almost always the kernel's OOM killer
+        return {"error": f"killed by signal {-res.returncode} (out of memory?)"}
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"error": tail}
