@@ -606,21 +606,28 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[dict]]:
 
 
 def plot_loss_curves(runs: Sequence[tuple[str, str | Path]], path: str | Path,
-                     key: str = "loss", title: Optional[str] = None) -> Path:
-    """Train (left) and validation (right) ``key`` against step, one line per (label, run_dir)."""
+                     key: str = "loss", title: Optional[str] = None, from_step: int = 0) -> Path:
+    """Train (left) and validation (right) ``key`` against step, one line per (label, run_dir);
+    runs sharing a label (seeds of one setting) share a colour. ``from_step`` hides the first
+    steps, whose large losses would flatten the differences that matter."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    colors: dict[str, str] = {}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for label, run_dir in runs:
         metrics = read_metrics(run_dir)
+        first = label not in colors
+        color = colors.setdefault(label, cycle[len(colors) % len(cycle)])
         for ax, split in zip(axes, ("train", "eval")):
-            recs = [r for r in metrics.get(split, []) if key in r]
+            recs = [r for r in metrics.get(split, []) if r.get(key) is not None and r["step"] >= from_step]
             if recs:
-                ax.plot([r["step"] for r in recs], [r[key] for r in recs], label=label,
-                        marker="o" if split == "eval" else None, ms=3, lw=1.3)
+                ax.plot([r["step"] for r in recs], [r[key] for r in recs], color=color,
+                        label=label if first else None, marker="o" if split == "eval" else None,
+                        ms=3, lw=1.2 if split == "eval" else 0.9, alpha=0.9)
     for ax, split in zip(axes, ("train", "validation")):
         ax.set_xlabel("step")
         ax.set_ylabel(f"{split} {key}")

@@ -161,22 +161,32 @@ def cmd_recommend(args) -> int:
 def cmd_compare(args) -> int:
     from linformer_train.spectrum import SpectrumError, plot_loss_curves, read_metrics
 
-    labels = args.labels or [Path(r).name for r in args.runs]
+    labels = args.labels or [Path(r).name for r in args.runs]  # repeat a label for seeds of one setting
     if len(labels) != len(args.runs):
         raise SpectrumError(f"--labels has {len(labels)} names for {len(args.runs)} runs; give one each")
-    print(f"{'run':<24} {'steps':>6} {'train loss (last ' + str(args.last) + ' logs)':>28} "
-          f"{'val loss':>9} {'val acc':>8}")
+    nan = float("nan")
+    print(f"{'run':<40} {'steps':>6} {'train loss':>10} {'val loss':>9} {'val acc':>8}   "
+          f"(train loss: mean of the last {args.last} logs; val: last evaluation)")
+    by_label: dict[str, list[tuple[float, float, float]]] = {}
     for label, run in zip(labels, args.runs):
         m = read_metrics(run)
         train = [r for r in m.get("train", []) if r.get("loss") is not None]
-        evals = m.get("eval", [])
         tail = [r["loss"] for r in train[-args.last:]]
-        last_eval = evals[-1] if evals else {}
-        print(f"{label:<24} {train[-1]['step'] if train else 0:>6} "
-              f"{(sum(tail) / len(tail)) if tail else float('nan'):>28.4f} "
-              f"{last_eval.get('loss', float('nan')):>9.4f} {last_eval.get('accuracy', float('nan')):>8.4f}")
+        last_eval = (m.get("eval") or [{}])[-1]
+        row = (sum(tail) / len(tail) if tail else nan, last_eval.get("loss", nan),
+               last_eval.get("accuracy", nan))
+        by_label.setdefault(label, []).append(row)
+        name = label if labels.count(label) == 1 else f"{label} ({Path(run).name})"
+        print(f"{name:<40} {train[-1]['step'] if train else 0:>6} {row[0]:>10.4f} {row[1]:>9.4f} "
+              f"{row[2]:>8.4f}")
+    if any(len(v) > 1 for v in by_label.values()):
+        print(f"\n{'setting (mean over runs)':<40} {'runs':>6} {'train loss':>10} {'val loss':>9} {'val acc':>8}")
+        for label, rows in by_label.items():
+            mean = [sum(r[i] for r in rows) / len(rows) for i in range(3)]
+            print(f"{label:<40} {len(rows):>6} {mean[0]:>10.4f} {mean[1]:>9.4f} {mean[2]:>8.4f}")
     if args.out:
-        path = plot_loss_curves(list(zip(labels, args.runs)), args.out, title=args.title)
+        path = plot_loss_curves(list(zip(labels, args.runs)), args.out, title=args.title,
+                                from_step=args.from_step)
         print(f"wrote {path}")
     return 0
 
@@ -220,6 +230,7 @@ def main(argv) -> int:
     c.add_argument("--out", default=None, help="PNG to write")
     c.add_argument("--title", default=None)
     c.add_argument("--last", type=int, default=5, help="train logs averaged for the final train loss")
+    c.add_argument("--from-step", type=int, default=0, help="plot from this step on")
     c.set_defaults(func=cmd_compare)
 
     args = parser.parse_args(argv)
