@@ -294,6 +294,11 @@ def test_recommend_and_compare_subcommands(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "3.5000" in text and "3.9000" in text
     assert out.read_bytes()[:4] == b"\x89PNG"
+    # two seeds of one setting: one colour, and a mean row
+    assert tool.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "S", "S",
+                      "--last", "1"]) == 0
+    mean_rows = capsys.readouterr().out.split("mean over runs")[1]
+    assert "3.7000" in mean_rows                                    # (3.5 + 3.9) / 2
 
 
 # --------------------------------------------------------------------------------------------------
