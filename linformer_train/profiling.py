@@ -91,6 +91,10 @@ class Case:
     clock: str = "wall"
     """wall (what a user waits; synchronised with the device) | cpu (the process's CPU time: on a
     shared CPU with threads=1 it is robust to other jobs taking cores, where wall time is not)."""
+    malloc: str = "tensor"
+    """CPU workers: tensor (a fixed glibc mmap threshold, so RSS follows live tensors; each large
+    block is mapped afresh, which can add page-fault time) | default (glibc as users run it: the
+    timing users see, RSS that depends on allocation history)."""
 
     def model_config(self) -> ModelConfig:
         return config_from_dict({"model": dict(self.model)}).model
@@ -206,6 +210,8 @@ def check_case(case: Case) -> ModelConfig:
         raise ConfigError(f"batch size {case.batch_size} and n {case.seq_len} must be positive")
     if case.clock not in ("wall", "cpu") or (case.clock == "cpu" and case.device != "cpu"):
         raise ConfigError(f"clock {case.clock!r}: use wall, or cpu with --device cpu")
+    if case.malloc not in ("tensor", "default"):
+        raise ConfigError(f"malloc {case.malloc!r}: use tensor or default")
     if case.threads is not None and case.threads < 1:
         raise ConfigError(f"threads={case.threads} must be at least 1")
     if case.warmup < 0 or case.repeats < 1:
@@ -608,7 +614,8 @@ def run_case_isolated(case: Case, peak_flops: Optional[float] = None,
     # glibc raises its mmap threshold after each free (up to 32 MiB), after which freed tensors stay
     # in the heap and RSS depends on the allocation history (+-100 MiB at n=8192). A fixed threshold
     # maps every block >= 128 KiB on its own and returns it on free: RSS then follows live tensors.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    if case.malloc == "tensor":
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:

@@ -70,6 +70,9 @@ def _run_args(p: argparse.ArgumentParser, max_batch: bool = False) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     g.add_argument("--clock", default="wall",
                    help="wall | cpu (process CPU time; with --threads 1, robust on a shared CPU)")
+    g.add_argument("--malloc", default="tensor",
+                   help="CPU workers: tensor (fixed glibc mmap threshold: RSS follows live tensors) | "
+                        "default (glibc as is: the timing users see)")
     g.add_argument("--warmup", type=int, default=1)
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--mask-prob", type=float, default=0.15)
@@ -186,7 +189,7 @@ def _cases(args, device: str, budget: int | None):
         sharings=args.sharing, batch_sizes=getattr(args, "batch_size", [1]), modes=args.mode,
         target=args.target, impls=args.impl, num_layers=args.layers, dtype=args.dtype,
         device=device, warmup=args.warmup, repeats=args.repeats, mask_prob=args.mask_prob,
-        budget_bytes=budget, threads=args.threads, clock=args.clock)
+        budget_bytes=budget, threads=args.threads, clock=args.clock, malloc=args.malloc)
 
 
 def _peak(args, device: str) -> float:
