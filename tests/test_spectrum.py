@@ -279,6 +279,7 @@ def test_recommend_and_compare_subcommands(tmp_path, capsys):
     assert tool.main(["recommend", str(tmp_path / "spec"), "--share", "0.95", "--multiple-of", "32",
                       "--total", "96"]) == 0
     cfg = load_config([tmp_path / "spec" / "k_schedule.yaml"])
+    assert (tmp_path / "spec" / "spectrum_rank_heatmap_0.95.png").is_file()
     assert sum(cfg.model.k) == 96 and all(v % 32 == 0 for v in cfg.model.k)
     assert "k: [" in capsys.readouterr().out
 

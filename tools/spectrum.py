@@ -4,7 +4,8 @@
 Subcommands (docs/SPECTRUM.md has the walk-through and a study):
   measure    run a model on n-token samples, collect the singular values of every layer's and head's
              softmax attention, write spectrum.json/.npz, two plots and a k schedule YAML
-  recommend  a k schedule from an earlier measurement, with another share, quantile, multiple or total
+  recommend  a k schedule from an earlier measurement, with another share, quantile, multiple or
+             total (and the rank heat map at that share)
   compare    loss curves of pretraining runs side by side (from their metrics.jsonl)
 
 Examples:
@@ -144,17 +145,18 @@ def cmd_measure(args) -> int:
 
 
 def cmd_recommend(args) -> int:
-    from linformer_train.spectrum import SpectrumResult
+    from linformer_train.spectrum import SpectrumResult, plot_rank_heatmap
 
     result = SpectrumResult.load(args.spectrum)
     share = _share(args.share)
     out = Path(args.out) if args.out else Path(args.spectrum)
     text = _recommend_and_write(result, args, out, None)
+    heat = plot_rank_heatmap(result, out / f"spectrum_rank_heatmap_{share:g}.png", share)
     import yaml
 
     _print_table(result, share, yaml.safe_load(text)["model"]["k"])
     print(f"\n{text}")
-    print(f"wrote {out / 'k_schedule.yaml'}")
+    print(f"wrote {out / 'k_schedule.yaml'}, {heat}")
     return 0
 
 
