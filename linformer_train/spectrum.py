@@ -313,7 +313,9 @@ def _layer_hook(acc: _Accumulator, layer: int, svd_dtype: torch.dtype, chunk: in
             key_mask = None if mask is None else mask[:, None, None, :].bool()
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=key_mask)
             B, H, L, Dh = y.shape
-            full = module.out.float()(y.transpose(1, 2).reshape(B, L, H * Dh))  # (1, n, D)
+            out = module.out                                      # never .float() the module: in place
+            bias = None if out.bias is None else out.bias.float()
+            full = F.linear(y.transpose(1, 2).reshape(B, L, H * Dh), out.weight.float(), bias)  # (1, n, D)
             got = output.float()
             rel = (got - full).norm() / full.norm().clamp(min=1e-12)
             cos = F.cosine_similarity(got, full, dim=-1).mean()

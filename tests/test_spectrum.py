@@ -244,6 +244,11 @@ def test_linformer_with_identity_projections_matches_full_attention():
     _sharpen(model, 30.0)
     res = measure_spectrum(model, _samples(2, n))
     assert np.all(res.linformer_rel_error > 0.05)
+    # a bf16 model is measured in fp32 maths and left in bf16
+    model = model.to(torch.bfloat16)
+    res16 = measure_spectrum(model, _samples(2, n))
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert np.abs(np.median(res16.ranks_at(0.9)) - np.median(res.ranks_at(0.9))) <= 2
 
 
 # --------------------------------------------------------------------------------------------------
