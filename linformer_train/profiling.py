@@ -1106,7 +1106,10 @@ def plot_rows(rows: Sequence[dict], out_dir: Path, title: str = "") -> list[Path
             style = "--" if label in ("naive", "full (sdpa)") else "-"
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
             axes[1].plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=label)
-        for ax, ylabel in zip(axes, ("time per step (ms)", "step memory (MiB)")):
+        clock = rs[0].get("clock", "wall")
+        tlabel = "time per step (ms)" if clock == "wall" else f"{clock} time per step (ms, 1 core)" \
+            if rs[0].get("threads") == 1 else f"{clock} time per step (ms)"
+        for ax, ylabel in zip(axes, (tlabel, "step memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("n (sequence length)")
