@@ -607,17 +607,55 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[dict]]:
     return {s: [recs[k] for k in sorted(recs)] for s, recs in by_split.items()}
 
 
+def pair_with_baseline(runs: Sequence[tuple[str, str | Path]], baseline: str
+                       ) -> dict[str, list[tuple[Path, Path]]]:
+    """Pair each setting's runs with the baseline's, in the order given (the i-th run of every
+    label is the same seed): label -> [(run, baseline run), ...]. Same-seed runs see the same
+    batches, masks and validation masks, so their difference is the paired, lower-noise one."""
+    by_label: dict[str, list[Path]] = {}
+    for label, run in runs:
+        by_label.setdefault(label, []).append(Path(run))
+    if baseline not in by_label:
+        raise SpectrumError(f"--baseline {baseline!r} names no run; labels are {', '.join(by_label)}")
+    base = by_label[baseline]
+    out = {}
+    for label, dirs in by_label.items():
+        if label == baseline:
+            continue
+        if len(dirs) > len(base):
+            raise SpectrumError(f"{label!r} has {len(dirs)} runs but the baseline {baseline!r} only "
+                                f"{len(base)}; give the baseline one run per seed, in the same order")
+        out[label] = list(zip(dirs, base))
+    return out
+
+
+def _final(metrics: dict, split: str, key: str, last: int) -> float:
+    recs = [r[key] for r in metrics.get(split, []) if r.get(key) is not None]
+    recs = recs[-last:] if split == "train" else recs[-1:]
+    return sum(recs) / len(recs) if recs else float("nan")
+
+
+def final_losses(run_dir: str | Path, key: str = "loss", last: int = 10) -> tuple[float, float]:
+    """(mean train ``key`` over the last ``last`` logs, last validation ``key``) of a run."""
+    m = read_metrics(run_dir)
+    return _final(m, "train", key, last), _final(m, "eval", key, 1)
+
+
 def plot_loss_curves(runs: Sequence[tuple[str, str | Path]], path: str | Path,
-                     key: str = "loss", title: Optional[str] = None, from_step: int = 0) -> Path:
-    """Train (left) and validation (right) ``key`` against step, one line per (label, run_dir);
-    runs sharing a label (seeds of one setting) share a colour. ``from_step`` hides the first
-    steps, whose large losses would flatten the differences that matter."""
+                     key: str = "loss", title: Optional[str] = None, from_step: int = 0,
+                     baseline: Optional[str] = None) -> Path:
+    """Train (left) and validation (middle) ``key`` against step, one line per (label, run_dir);
+    runs sharing a label (seeds of one setting) share a colour. ``from_step`` hides the first steps,
+    whose large losses would flatten the differences that matter. With ``baseline`` (a label), a
+    third panel shows each setting's validation ``key`` minus the baseline's of the same seed
+    (thin: each seed, thick: their mean)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    panels = 3 if baseline else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), dpi=110)
     colors: dict[str, str] = {}
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for label, run_dir in runs:
@@ -630,11 +668,31 @@ def plot_loss_curves(runs: Sequence[tuple[str, str | Path]], path: str | Path,
                 ax.plot([r["step"] for r in recs], [r[key] for r in recs], color=color,
                         label=label if first else None, marker="o" if split == "eval" else None,
                         ms=3, lw=1.2 if split == "eval" else 0.9, alpha=0.9)
-    for ax, split in zip(axes, ("train", "validation")):
+    names = ["train", "validation"]
+    if baseline:
+        ax = axes[2]
+        for label, pairs in pair_with_baseline(runs, baseline).items():
+            curves = []
+            for run, base in pairs:
+                mine = {r["step"]: r[key] for r in read_metrics(run).get("eval", []) if r.get(key) is not None}
+                ref = {r["step"]: r[key] for r in read_metrics(base).get("eval", []) if r.get(key) is not None}
+                steps = sorted(s for s in mine.keys() & ref.keys() if s >= from_step)
+                curves.append((steps, [mine[s] - ref[s] for s in steps]))
+                ax.plot(steps, curves[-1][1], color=colors[label], lw=0.7, alpha=0.45)
+            common = sorted(set.intersection(*(set(st) for st, _ in curves))) if curves else []
+            if common:
+                mean = [np.mean([dict(zip(st, d))[s] for st, d in curves]) for s in common]
+                ax.plot(common, mean, color=colors[label], lw=2, marker="o", ms=3,
+                        label=f"{label} (mean of {len(curves)})")
+        ax.axhline(0, color=colors.get(baseline, "grey"), lw=1.2, ls="--", label=baseline)
+        names.append(f"validation, minus {baseline} of the same seed:")
+    for ax, split in zip(axes, names):
         ax.set_xlabel("step")
-        ax.set_ylabel(f"{split} {key}")
+        ax.set_ylabel(f"{split} {key}" if not split.endswith(":") else f"delta validation {key}")
+        if split.endswith(":"):
+            ax.set_title(split.rstrip(":"), fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -305,6 +305,12 @@ def test_recommend_and_compare_subcommands(tmp_path, capsys):
                       "--last", "1"]) == 0
     mean_rows = capsys.readouterr().out.split("mean over runs")[1]
     assert "3.7000" in mean_rows                                    # (3.5 + 3.9) / 2
+    # paired with a baseline of the same seed: b - a = +0.4 at the last evaluation
+    out3 = tmp_path / "paired.png"
+    assert tool.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "A", "B",
+                      "--baseline", "A", "--last", "1", "--out", str(out3)]) == 0
+    paired = capsys.readouterr().out.split("of the same seed")[1]
+    assert "+0.4000" in paired and out3.read_bytes()[:4] == b"\x89PNG"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,6 +401,7 @@ def test_cli_measure_refuses_n_beyond_the_model_or_the_blocks(model_and_data, tm
     (["measure", "{empty}", "--data", "builtin", "--share", "x"], "not a number"),
     (["recommend", "{empty}"], "no spectrum.json"),
     (["compare", "{empty}"], "metrics.jsonl does not exist"),
+    (["compare", "{empty}", "--labels", "A", "B"], "2 names for 1 runs"),
     (["measure", "{empty}"], "required: --data"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):

@@ -161,34 +161,44 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from linformer_train.spectrum import SpectrumError, plot_loss_curves, read_metrics
+    from linformer_train.spectrum import (SpectrumError, final_losses, pair_with_baseline,
+                                          plot_loss_curves, read_metrics)
 
     labels = args.labels or [Path(r).name for r in args.runs]  # repeat a label for seeds of one setting
     if len(labels) != len(args.runs):
         raise SpectrumError(f"--labels has {len(labels)} names for {len(args.runs)} runs; give one each")
-    nan = float("nan")
-    print(f"{'run':<40} {'steps':>6} {'train loss':>10} {'val loss':>9} {'val acc':>8}   "
+    runs = list(zip(labels, args.runs))
+    print(f"{'run':<44} {'steps':>6} {'train loss':>10} {'val loss':>9} {'val acc':>8}   "
           f"(train loss: mean of the last {args.last} logs; val: last evaluation)")
     by_label: dict[str, list[tuple[float, float, float]]] = {}
-    for label, run in zip(labels, args.runs):
+    for label, run in runs:
         m = read_metrics(run)
-        train = [r for r in m.get("train", []) if r.get("loss") is not None]
-        tail = [r["loss"] for r in train[-args.last:]]
-        last_eval = (m.get("eval") or [{}])[-1]
-        row = (sum(tail) / len(tail) if tail else nan, last_eval.get("loss", nan),
-               last_eval.get("accuracy", nan))
+        train_loss, val_loss = final_losses(run, last=args.last)
+        evals = m.get("eval") or [{}]
+        row = (train_loss, val_loss, evals[-1].get("accuracy", float("nan")))
         by_label.setdefault(label, []).append(row)
+        steps = (m.get("train") or [{"step": 0}])[-1]["step"]
         name = label if labels.count(label) == 1 else f"{label} ({Path(run).name})"
-        print(f"{name:<40} {train[-1]['step'] if train else 0:>6} {row[0]:>10.4f} {row[1]:>9.4f} "
-              f"{row[2]:>8.4f}")
+        print(f"{name:<44} {steps:>6} {row[0]:>10.4f} {row[1]:>9.4f} {row[2]:>8.4f}")
     if any(len(v) > 1 for v in by_label.values()):
-        print(f"\n{'setting (mean over runs)':<40} {'runs':>6} {'train loss':>10} {'val loss':>9} {'val acc':>8}")
+        print(f"\n{'setting (mean over runs)':<44} {'runs':>6} {'train loss':>10} {'val loss':>9} {'val acc':>8}")
         for label, rows in by_label.items():
             mean = [sum(r[i] for r in rows) / len(rows) for i in range(3)]
-            print(f"{label:<40} {len(rows):>6} {mean[0]:>10.4f} {mean[1]:>9.4f} {mean[2]:>8.4f}")
+            print(f"{label:<44} {len(rows):>6} {mean[0]:>10.4f} {mean[1]:>9.4f} {mean[2]:>8.4f}")
+    if args.baseline:
+        print(f"\nminus {args.baseline!r} of the same seed (negative = better):")
+        print(f"{'setting':<44} {'seeds':>6} {'delta train':>11} {'delta val':>10}   delta val per seed")
+        for label, pairs in pair_with_baseline(runs, args.baseline).items():
+            deltas = [tuple(a - b for a, b in zip(final_losses(run, last=args.last),
+                                                  final_losses(base, last=args.last)))
+                      for run, base in pairs]
+            dt = sum(d[0] for d in deltas) / len(deltas)
+            dv = sum(d[1] for d in deltas) / len(deltas)
+            each = ", ".join(f"{d[1]:+.3f}" for d in deltas)
+            print(f"{label:<44} {len(deltas):>6} {dt:>+11.4f} {dv:>+10.4f}   {each}")
     if args.out:
-        path = plot_loss_curves(list(zip(labels, args.runs)), args.out, title=args.title,
-                                from_step=args.from_step)
+        path = plot_loss_curves(runs, args.out, title=args.title, from_step=args.from_step,
+                                baseline=args.baseline)
         print(f"wrote {path}")
     return 0
 
@@ -233,6 +243,9 @@ def main(argv) -> int:
     c.add_argument("--title", default=None)
     c.add_argument("--last", type=int, default=5, help="train logs averaged for the final train loss")
     c.add_argument("--from-step", type=int, default=0, help="plot from this step on")
+    c.add_argument("--baseline", default=None, metavar="LABEL",
+                   help="also compare each setting with this one, seed by seed (the i-th run of "
+                        "each label pairs with the i-th run of the baseline)")
     c.set_defaults(func=cmd_compare)
 
     args = parser.parse_args(argv)
