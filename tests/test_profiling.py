@@ -154,8 +154,8 @@ def test_max_batch_reports_the_last_size_that_fit():
 
 def test_max_batch_on_cpu_stops_at_a_small_real_budget():
     # In process (a subprocess per attempt would be slow): the budget leaves room for ~3.5 times what
-    # one sequence's step takes (the naive baseline keeps 4 heads x 512^2 fp32 scores per layer).
-    case = prof.build_cases(tiny(), seq_lens=[512], attentions=["naive"], warmup=0, repeats=1)[0]
+    # one sequence's step takes (the naive baseline keeps 4 heads x 384^2 fp32 scores per layer).
+    case = prof.build_cases(tiny(), seq_lens=[384], attentions=["naive"], warmup=0, repeats=1)[0]
     first = prof.measure_case(case, isolate=False)  # the process's own first-use memory settles
     assert first["status"] == "ok"
     budget = int((first["mem_baseline_mib"] + 3.5 * first["mem_step_mib"]) * prof.MIB)
@@ -250,7 +250,7 @@ def test_cli_mistakes_are_one_line_and_exit_2(capsys):
 def test_cli_sweep_writes_table_json_csv_and_plots(tmp_path, capsys):
     cli = load_cli()
     out = tmp_path / "p"
-    rc = cli.main(["sweep", "--preset", "tiny", "--set", "model.dropout=0", "-n", "32", "64",
+    rc = cli.main(["sweep", "--preset", "tiny", "--set", "model.dropout=0", "-n", "32", "48",
                    "--k", "16", "--attention", "linformer", "naive", "--repeats", "1",
                    "--no-isolate", "--peak-tflops", "0.1", "--out", str(out)])
     assert rc == 0
