@@ -514,6 +514,21 @@ def check_schedule_yaml(text: str, base_model: Optional[dict] = None):
 # --------------------------------------------------------------------------------------------------
 
 
+def _save_png(fig, path: str | Path) -> None:
+    """Save a figure as a small PNG: rendered, then quantised to a 256-colour palette (plots use a
+    few colours; the palette PNG is several times smaller than matplotlib's RGBA one)."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(256).save(path, optimize=True)
+
+
 def plot_cumulative(result: SpectrumResult, path: str | Path, share: Optional[float] = None,
                     title: Optional[str] = None) -> Path:
     """The paper's Figure 1 (left): normalised cumulative singular value against rank, one curve
@@ -549,8 +564,7 @@ def plot_cumulative(result: SpectrumResult, path: str | Path, share: Optional[fl
                           f"{result.num_samples} samples, {result.attention} attention"
                           + (f", dotted line at {share:g}" if share is not None else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save_png(fig, path)
     return Path(path)
 
 
@@ -579,8 +593,7 @@ def plot_rank_heatmap(result: SpectrumResult, path: str | Path, share: float,
                  fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save_png(fig, path)
     return Path(path)
 
 
@@ -696,8 +709,7 @@ def plot_loss_curves(runs: Sequence[tuple[str, str | Path]], path: str | Path,
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save_png(fig, path)
     return Path(path)
 
 
