@@ -270,7 +270,7 @@ def test_json_npz_and_plots_are_written_and_reload(tmp_path):
     assert np.array_equal(back.ranks, res.ranks) and back.model_k == res.model_k
     for path in (plot_cumulative(res, tmp_path / "c.png", 0.9),
                  plot_rank_heatmap(res, tmp_path / "h.png", 0.9)):
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
     with pytest.raises(SpectrumError, match="not measured"):
         res.ranks_at(0.123)
 
