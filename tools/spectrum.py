@@ -13,7 +13,8 @@ Examples:
       --share 0.9 --multiple-of 16 --out runs/full/spectrum
   python tools/spectrum.py measure runs/full --data builtin -n 256       # a run's DeepSpeed checkpoint
   python tools/spectrum.py recommend runs/full/spectrum --share 0.95 --total 256
-  python tools/spectrum.py compare runs/uniform runs/schedule --labels uniform schedule --out loss.png
+  python tools/spectrum.py compare runs/u-s1 runs/u-s2 runs/s-s1 runs/s-s2 --labels u u s s \
+      --baseline u --out loss.png                                     # seeds paired with seeds
 """
 
 from __future__ import annotations
