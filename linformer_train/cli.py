@@ -29,21 +29,43 @@ def user_errors() -> tuple[type[BaseException], ...]:
                          ("linformer_train.train.checkpoint", "CheckpointError"),
                          ("linformer_train.convert", "ConversionError"),
                          ("linformer_train.model.attention", "SequenceTooLongError")]:
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
+        # a module that was never imported cannot have raised its error: importing it here (torch
+        # and all) only made every config mistake take ~2 s longer to report
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
 
 
+def run_failures() -> tuple[type[BaseException], ...]:
+    """Exception types that end a run for a stated reason (a non-finite policy, a lost rank): printed
+    as one line, exit 1. Their modules are imported only once the run has loaded them."""
+    failures: list[type[BaseException]] = []
+    for module, name in [("linformer_train.train.trainer", "TrainingError"),
+                         ("linformer_train.train.distributed", "RankLostError")]:
+        if module in sys.modules:
+            failures.append(getattr(sys.modules[module], name))
+    return tuple(failures)
+
+
+def _say(line: str) -> None:
+    """One write for the whole line: the ranks of a job share stderr, and print() writes the text and
+    its newline separately, so two ranks' lines could run into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:
-    """Run ``main``; a user's mistake prints ``error: ...`` (no traceback) and returns 2."""
+    """Run ``main``; a user's mistake prints ``error: ...`` (no traceback) and returns 2; a run that
+    stops for a stated reason (non-finite loss policy, a rank lost) prints one line and returns 1."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return main(argv)
     except user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        _say(f"error: {exc}")
         return 2
+    except run_failures() as exc:
+        _say(f"error: {exc}")
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

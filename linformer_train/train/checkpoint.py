@@ -58,6 +58,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# torch.save (and so DeepSpeed's save) reports a refused or short write as a RuntimeError from its
+# zip writer, with the OS error lost: "unexpected pos 704 vs 598", "basic_ios::clear: iostream error"
+_SERIALIZER_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container", "iostream error",
+                              "file write failed", "open file failed")
+
+
+def write_failure_reason(directory: Path, exc: BaseException) -> Optional[str]:
+    """Why writing into ``directory`` failed, or None when ``exc`` is not a write failure.
+
+    For torch's RuntimeErrors the OS reason is recovered by writing a 1 MiB probe file in the same
+    folder (a full disk, a read-only or immutable folder, a file-size limit all refuse it)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    probe = directory / ".write_probe"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        return err.strerror or str(err)
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    text = str(exc)
+    if any(s in text for s in _SERIALIZER_WRITE_FAILURES):
+        return (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+    return None
+
+
 class CheckpointManager:
     """Saves and finds checkpoints under ``root``. Every rank calls ``save`` (DeepSpeed's save is
     collective); rank 0 alone renames, writes ``latest`` and prunes.
@@ -81,9 +113,15 @@ class CheckpointManager:
         tmp = self.root / (tag + TMP_SUFFIX)
         self.on_stage("before")
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by an interrupted save of this same step
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # left by an interrupted save of this same step
+            except OSError as exc:
+                raise CheckpointError(
+                    f"saving checkpoint {tag} in {self.root} failed ({exc.strerror or exc}); the previous "
+                    f"checkpoint is intact; free space or fix permissions and resume"
+                ) from None
         _barrier()
         state = dict(client_state)
         # lets `python -m deepspeed.checkpoint.ds_to_universal` convert ZeRO-1/2 checkpoints too
@@ -91,9 +129,12 @@ class CheckpointManager:
         try:
             engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=state, save_latest=False)
             torch.save(rank_state, tmp / f"rank_state_{self.rank:05d}.pt")
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
+            reason = write_failure_reason(tmp if tmp.is_dir() else self.root, exc)
+            if reason is None:  # not a write failure (e.g. a collective inside DeepSpeed's save)
+                raise
             raise CheckpointError(
-                f"saving checkpoint {tag} in {self.root} failed ({exc.strerror or exc}); the previous "
+                f"saving checkpoint {tag} in {self.root} failed ({reason}); the previous "
                 f"checkpoint is intact; free space or fix permissions and resume"
             ) from None
         self.on_stage("files_written")
@@ -140,10 +181,19 @@ class CheckpointManager:
         pointer = self.root / LATEST
         if not pointer.exists():
             return None
-        tag = pointer.read_text().strip()
+        try:
+            tag = pointer.read_text(errors="replace").strip()
+        except OSError as exc:  # a directory, unreadable
+            raise CheckpointError(f"{pointer} cannot be read ({exc.strerror or exc}); name a checkpoint "
+                                  f"with checkpoint.resume=<dir> or delete it") from None
         if not tag:
             raise CheckpointError(
                 f"{pointer} is empty; name a checkpoint with checkpoint.resume=<dir> or delete the file"
+            )
+        if "/" in tag or "\\" in tag or tag in (".", "..") or not tag.isprintable():
+            raise CheckpointError(
+                f"{pointer} holds {tag[:80]!r}, not the name of a checkpoint folder beside it; name a "
+                f"checkpoint with checkpoint.resume=<dir> or delete the file"
             )
         path = self.root / tag
         verify_checkpoint(path)
@@ -176,7 +226,9 @@ def verify_checkpoint(path: Path) -> dict:
     try:
         meta = json.loads(meta_path.read_text())
         files = meta["files"]
-    except (ValueError, KeyError):
+        if not (isinstance(files, dict) and all(isinstance(v, int) for v in files.values())):
+            raise ValueError(files)
+    except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"checkpoint {path} has a corrupt {COMPLETE}; resume from an earlier one") from None
     for name, size in files.items():
         f = path / name
@@ -188,3 +240,71 @@ def verify_checkpoint(path: Path) -> dict:
                 f"the file is corrupt, resume from an earlier one"
             )
     return meta
+
+
+def check_world_size(path: Path, world_size: int) -> None:
+    """Refuse, before any work, a checkpoint whose ZeRO optimizer state is partitioned over another
+    number of ranks: DeepSpeed would fail only after the whole engine is built, with a traceback."""
+    meta = verify_checkpoint(path)
+    saved = meta.get("world_size")
+    partitioned = any("zero_pp_rank_" in name for name in meta.get("files", {}))
+    if saved is not None and saved != world_size and partitioned:
+        raise CheckpointError(
+            f"checkpoint {path} holds ZeRO optimizer state partitioned over {saved} ranks but this job "
+            f"has {world_size}; resume on {saved} ranks, or convert it with `python -m "
+            f"deepspeed.checkpoint.ds_to_universal --input_folder {path} --output_folder {path}_universal` "
+            f"and resume with checkpoint.resume={path}_universal checkpoint.universal=true"
+        )
+
+
+def unreadable_reason(exc: BaseException) -> Optional[str]:
+    """A short reason when ``exc`` says a saved file cannot be read back (a damaged zip archive or
+    pickle), else None. torch reports these as RuntimeErrors from its zip reader."""
+    import pickle
+    import zipfile
+
+    text = str(exc).strip()
+    damaged = isinstance(exc, (EOFError, pickle.UnpicklingError, zipfile.BadZipFile)) or (
+        isinstance(exc, RuntimeError) and any(s in text for s in ("PytorchStreamReader", "zip archive")))
+    if not damaged:
+        return None
+    return (text.splitlines() or [type(exc).__name__])[0].split(". ")[0][:200]
+
+
+def read_client_state(path: Path) -> dict:
+    """The client state a checkpoint was saved with (step, config...), read before anything is built:
+    the model-states file is memory-mapped, so its tensors are not read."""
+    files = sorted(path.glob("*mp_rank_00_model_states.pt"))
+    if not files:
+        return {}
+    try:
+        state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised
+        reason = unreadable_reason(exc)
+        if reason is None:
+            raise
+        raise CheckpointError(f"checkpoint {path}: {files[0].name} cannot be read ({reason}); the file is "
+                              f"corrupt, resume from an earlier one") from None
+    return state if isinstance(state, dict) else {}
+
+
+def verify_contents(path: Path, rank: int) -> None:
+    """Check the CRC-32 that torch's zip format stores for every record of the files this rank will
+    load (the shared model states, its own ZeRO shard and rank state): a damaged byte inside a
+    tensor keeps the size right and would otherwise load silently. Costs one read of those files."""
+    import zipfile
+
+    own = f"zero_pp_rank_{rank}_"
+    for f in sorted(path.glob("*.pt")):
+        if f.name.startswith("rank_state_") and f.name != f"rank_state_{rank:05d}.pt":
+            continue
+        if "zero_pp_rank_" in f.name and own not in f.name:
+            continue
+        try:
+            with zipfile.ZipFile(f) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            bad = f"the archive itself ({exc})"
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {path}: {f.name} is corrupt ({bad} fails its CRC check); "
+                                  f"resume from an earlier one")

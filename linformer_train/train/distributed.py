@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 
 def _free_port() -> int:
@@ -40,3 +41,39 @@ def destroy_distributed() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class RankLostError(RuntimeError):
+    """Another rank of the job is gone (killed, out of memory, crashed): this one cannot go on."""
+
+
+def rank_table() -> list[tuple[str, int]]:
+    """(host, pid) of every rank, gathered once after init: what lets a survivor name a rank that
+    died. The launchers cannot: DeepSpeed's prints the command of the last rank it started,
+    whichever one died, and a SIGKILLed rank prints nothing."""
+    import torch.distributed as dist
+
+    table: list = [None] * dist.get_world_size()
+    dist.all_gather_object(table, (socket.gethostname(), os.getpid()))
+    return [tuple(entry) for entry in table]
+
+
+def lost_ranks(table: list[tuple[str, int]], wait: float = 3.0) -> list[int]:
+    """Ranks on this host whose process has ended. Polls up to ``wait`` seconds: a collective
+    fails as soon as the dead rank's sockets close, a moment before the process is gone."""
+    import psutil
+
+    host, me = socket.gethostname(), os.getpid()
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + wait
+    while True:
+        gone = [r for r, (h, pid) in enumerate(table) if h == host and pid != me and not alive(pid)]
+        if gone or time.monotonic() >= deadline:
+            return gone
+        time.sleep(0.1)

@@ -17,21 +17,54 @@ def pretrain(argv: Sequence[str]) -> int:
                         help=argparse_suppress())
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. optim.lr=3e-4 train.max_steps=1000")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may also follow --resume (as in convert, finetune)
 
     from linformer_train.config import load_config
 
     overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
     cfg = load_config(args.config, overrides)  # every rank parses the same files: fail fast, before init
 
-    from linformer_train.train.distributed import destroy_distributed, init_distributed
-    from linformer_train.train.trainer import Trainer
+    from linformer_train.cli import user_errors
+    from linformer_train.train.distributed import (
+        RankLostError,
+        destroy_distributed,
+        init_distributed,
+        lost_ranks,
+        rank_table,
+    )
+    from linformer_train.train.trainer import Trainer, TrainingError
 
-    init_distributed()
+    rank, _ = init_distributed()
+    ranks = rank_table()
     try:
         return Trainer(cfg).train()
+    except RuntimeError as exc:
+        # a collective fails when a peer dies; say which rank it was, once, instead of a gloo/NCCL
+        # traceback (a SIGKILLed rank prints nothing, and the launcher does not say which one died)
+        if isinstance(exc, user_errors() + (TrainingError,)):
+            raise
+        gone = lost_ranks(ranks)
+        if not gone:
+            raise
+        raise RankLostError(_lost_ranks_message(rank, gone, ranks, cfg.train.run_dir)) from exc
     finally:
         destroy_distributed()
+
+
+def _lost_ranks_message(rank: int, gone: list[int], ranks: list[tuple[str, int]], run_dir: str) -> str:
+    from pathlib import Path
+
+    from linformer_train.train.checkpoint import CheckpointManager
+
+    who = ", ".join(f"rank {r} (pid {ranks[r][1]} on {ranks[r][0]})" for r in gone)
+    try:
+        latest = CheckpointManager(Path(run_dir) / "checkpoints", keep_last=1).latest()
+    except Exception:  # a message about a dead rank must not fail on a damaged checkpoint folder
+        latest = None
+    resume = (f"the last complete checkpoint is {latest}; rerun with --resume to continue from it"
+              if latest else "there is no complete checkpoint yet, so a rerun starts from step 0")
+    return (f"rank {rank} stops: {who} ended while the job was running (killed, out of memory, or an "
+            f"error in its own output); {resume}")
 
 
 def argparse_suppress():

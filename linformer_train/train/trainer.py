@@ -35,7 +35,14 @@ from linformer_train.model import (
     apply_compile,
     mlm_train_flops,
 )
-from linformer_train.train.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
+from linformer_train.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    check_world_size,
+    read_client_state,
+    unreadable_reason,
+    verify_contents,
+)
 from linformer_train.train.ds_config import build_ds_config
 from linformer_train.train.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes
 
@@ -69,6 +76,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _set_seed(seed: int) -> None:
+    seed %= 2**32  # numpy's range; seed + step (another rank count) may pass it
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -126,6 +134,10 @@ class Trainer:
         self.device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
 
         ds_config = build_ds_config(cfg, self.world_size)  # batch arithmetic errors before any work
+        supported = {"fp16": accel.is_fp16_supported, "bf16": accel.is_bf16_supported}
+        if cfg.precision.dtype in supported and not supported[cfg.precision.dtype]():
+            raise ConfigError(f"precision.dtype={cfg.precision.dtype} is not supported on this device "
+                              f"({accel.device_name()}); use bf16 or fp32")
         self._check_resume_target()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -193,14 +205,18 @@ class Trainer:
     def _check_resume_target(self) -> None:
         """Fail before any expensive work when the named checkpoint cannot be used."""
         ck = self.cfg.checkpoint
-        if ck.resume in ("none", "auto"):
+        if ck.resume == "none":
             return
-        path = Path(ck.resume)
-        if ck.universal:
-            if not path.is_dir():
-                raise CheckpointError(f"universal checkpoint {path} does not exist; run ds_to_universal first")
+        if ck.universal and ck.resume != "auto":
+            if not Path(ck.resume).is_dir():
+                raise CheckpointError(f"universal checkpoint {ck.resume} does not exist; run ds_to_universal first")
             return
-        CheckpointManager(self.run_dir / "checkpoints", ck.keep_last).resolve_resume(ck.resume)
+        path = CheckpointManager(self.run_dir / "checkpoints", ck.keep_last).resolve_resume(ck.resume)
+        if path is not None:
+            verify_contents(path, self.rank)
+            # before DeepSpeed loads it: another model's tensors would fail there with a size-mismatch trace
+            self._check_compatible(read_client_state(path).get("config"), path)
+            check_world_size(path, self.world_size)
 
     # ----------------------------------------------------------------------------------- resume
 
@@ -214,9 +230,10 @@ class Trainer:
             if ck.resume == "auto" and self.is_main:
                 print(f"resume=auto: no checkpoint in {self.checkpoints.root}; starting fresh", flush=True)
             return
-        load_path, client = self.engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_module_strict=True,
-            load_optimizer_states=True, load_lr_scheduler_states=False)
+        with _unreadable_as_checkpoint_error(path):
+            load_path, client = self.engine.load_checkpoint(
+                str(path.parent), tag=path.name, load_module_strict=True,
+                load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None or client is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {path}; resume from an earlier one")
         self._check_compatible(client.get("config"), path)
@@ -225,7 +242,8 @@ class Trainer:
         self.skipped_steps = client.get("skipped_steps", 0)
         rank_file = path / f"rank_state_{self.rank:05d}.pt"
         if client.get("world_size") == self.world_size and rank_file.is_file():
-            state = torch.load(rank_file, weights_only=False)
+            with _unreadable_as_checkpoint_error(path):
+                state = torch.load(rank_file, weights_only=False)
             set_rng_state(state["rng"])
             self.data.train_loader.load_state_dict(state["loader"])
         else:
@@ -276,15 +294,16 @@ class Trainer:
         last = cfg.train.stop_after or cfg.train.max_steps
         while self.step < last:
             stats = self.train_step(window)
-            if stats["stop"]:
-                if self.is_main:
-                    print(f"stop requested: saving a checkpoint at step {self.step}", flush=True)
-                break
-            if self.metrics.should_log(self.step):
+            # a stopping step was trained too: log it, or the history has a hole where it resumes
+            if self.metrics.should_log(self.step) or stats["stop"]:
                 elapsed = time.perf_counter() - t_start
                 rate = (self.step - start_step) / elapsed if elapsed > 0 else float("nan")
                 self.metrics.log(window.summary(self, eta=(cfg.train.max_steps - self.step) / rate), self.step)
                 window = _Window()
+            if stats["stop"]:
+                if self.is_main:
+                    print(f"stop requested: saving a checkpoint at step {self.step}", flush=True)
+                break
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                 self.metrics.log(self.evaluate(), self.step, prefix="eval")
             if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
@@ -384,6 +403,19 @@ class Trainer:
         if self.is_main:
             print(f"saved checkpoint {path}", flush=True)
         return path
+
+
+@contextmanager
+def _unreadable_as_checkpoint_error(path: Path):
+    """A damaged file inside a checkpoint (same size, bad bytes) is one line, not a zip-reader trace."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - classified; anything else is re-raised
+        reason = unreadable_reason(exc)
+        if reason is None:
+            raise
+        raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); a file is corrupt, resume "
+                              f"from an earlier one") from None
 
 
 class _Window:
