@@ -63,13 +63,15 @@ def main(argv) -> int:
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+    if args.ranks < 1:
+        parser.error(f"--ranks {args.ranks} must be at least 1")
 
     launcher = [sys.executable] if args.ranks == 1 else [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks)]
     work = Path(tempfile.mkdtemp(prefix="bench_pretrain_"))
     data_root = Path(args.data_dir) if args.data_dir else work / "data"
     results = []
-    print(f"{'preset':>6} {'attn':>9} {'n':>5} {'k':>4} {'tok/s':>9} {'MFU %':>6} {'wait %':>6} {'peak GiB':>8}")
+    plans = []
     for preset, n, attention in itertools.product(args.preset, args.n, args.attention):
         k = args.k or min(256, max(16, n // 4))
         overrides = ([f"--config={args.config}"] if args.config else []) + [
@@ -80,6 +82,13 @@ def main(argv) -> int:
             f"data.prepared_dir={data_root / f'n{n}'}", *args.overrides]
         # no final checkpoint: a benchmark measures steps, not saves
         overrides.append(f"train.stop_after={args.steps}")
+        plans.append((preset, n, attention, k, overrides))
+    from linformer_train.config import load_config
+
+    for *_, overrides in plans:  # a mistake in the config is one line now, not a table of failed runs
+        load_config([args.config] if args.config else [], [o for o in overrides if not o.startswith("--config=")])
+    print(f"{'preset':>6} {'attn':>9} {'n':>5} {'k':>4} {'tok/s':>9} {'MFU %':>6} {'wait %':>6} {'peak GiB':>8}")
+    for preset, n, attention, k, overrides in plans:
         run_dir = work / f"{preset}-{attention}-{n}"
         out = bench_one(overrides, run_dir, launcher, args.timeout)
         row = {"preset": preset, "attention": attention, "n": n, "k": k if attention == "linformer" else None}
@@ -104,7 +113,11 @@ def main(argv) -> int:
             print(f"{preset} n={n}: linformer / full tokens/s = {r['speedup_vs_full']:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
-    return 0
+    failed = [r for r in results if "error" in r]
+    if failed:
+        print(f"error: {len(failed)} of {len(results)} configurations failed (first: {failed[0]['error']})",
+              file=sys.stderr)
+    return 1 if failed and len(failed) == len(results) else 0
 
 
 if __name__ == "__main__":

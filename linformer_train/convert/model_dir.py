@@ -285,8 +285,14 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise ConversionError(f"{path} has no {CONFIG_FILE}; export the model again")
-    raw = OmegaConf.to_container(OmegaConf.load(cfg_file))
-    unknown = set(raw or {}) - {"model"}
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(cfg_file))
+    except Exception as exc:  # yaml's and omegaconf's errors span lines: keep the first
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConversionError(f"{cfg_file} is not valid YAML ({first}); export the model again") from None
+    if not isinstance(raw, dict):
+        raw = {"": raw}
+    unknown = set(raw) - {"model"}
     if unknown or not isinstance(raw.get("model"), dict):
         raise ConversionError(f"{cfg_file} must hold one `model:` section (found {sorted(raw or {})})")
     try:
@@ -304,10 +310,15 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not weights.is_file():
         raise ConversionError(f"{path} has no {WEIGHTS_FILE}; export the model again")
     try:
-        return load_file(str(weights))
+        state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise ConversionError(f"{weights} cannot be read ({str(exc).splitlines()[0]}); the file is "
                               f"damaged, export the model again") from None
+    for key, tensor in state.items():  # safetensors has no checksum: damaged bytes often read as NaN
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConversionError(f"{weights}: {key} holds non-finite values (NaN or inf); the file is "
+                                  f"damaged or the model diverged; export it again from a good checkpoint")
+    return state
 
 
 def tokenizer_file(path: str | os.PathLike) -> Path:
@@ -316,6 +327,13 @@ def tokenizer_file(path: str | os.PathLike) -> Path:
     if not tok.is_file():
         raise ConversionError(f"model directory {path} has no {TOKENIZER_FILE}; export it again with "
                               f"--tokenizer")
+    from linformer_train.data.tokenizer import sha256_file
+
+    want = load_model_info(path).get("tokenizer_sha256")
+    if want and sha256_file(tok) != want:  # another run's tokenizer: every id would mean another piece
+        raise ConversionError(f"{tok} has sha256 {sha256_file(tok)[:12]} but the model was saved with "
+                              f"tokenizer {want[:12]} (model_info.json); put the model's own tokenizer back "
+                              f"or export it again with --tokenizer")
     return tok
 
 

@@ -42,7 +42,7 @@ import numpy as np
 from linformer_train.data import DataError
 from linformer_train.data.corpus import Source, build_source
 from linformer_train.data.tokenizer import (BOS_ID, EOS_ID, MODEL_FILE, Tokenizer, load_tokenizer,
-                                            meta_path, model_path, train_tokenizer, training_spec)
+                                            model_path, read_meta, train_tokenizer, training_spec)
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -121,10 +121,13 @@ def _read_manifest(root: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except ValueError:
-        raise DataError(f"{path} is not valid JSON; the set is damaged, delete {root} and prepare "
-                        f"it again") from None
+        manifest = None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path} is not valid JSON (an object); the set is damaged, delete {root} and "
+                        f"prepare it again")
+    return manifest
 
 
 def open_prepared(prepared_dir: str | os.PathLike, seq_len: int,
@@ -139,25 +142,37 @@ def open_prepared(prepared_dir: str | os.PathLike, seq_len: int,
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{root} has format version {manifest.get('format_version')}, this code reads "
                         f"{FORMAT_VERSION}; prepare it again")
-    if int(manifest["seq_len"]) != seq_len:
-        raise DataError(f"{root} was prepared with n={manifest['seq_len']} but model.max_seq_len={seq_len}; "
+    try:  # a hand-edited or damaged manifest: one line, not a KeyError or a numpy TypeError
+        prepared_n = manifest["seq_len"]
+        have, tok_rel = manifest["tokenizer"]["sha256"], manifest["tokenizer"]["path"]
+        itemsize = np.dtype(manifest["dtype"]).itemsize
+        splits = {split: (manifest["splits"][split]["file"], manifest["splits"][split]["blocks"])
+                  for split in SPLITS}
+        for value in (prepared_n, *(blocks for _, blocks in splits.values())):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{value!r} is not a count")
+        if not all(isinstance(v, str) for v in (have, tok_rel, *(f for f, _ in splits.values()))):
+            raise ValueError("a file name or sha256 is not a string")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{root / MANIFEST_FILE} is damaged ({type(exc).__name__}: {exc}); delete {root} "
+                        f"and prepare it again") from None
+    if prepared_n != seq_len:
+        raise DataError(f"{root} was prepared with n={prepared_n} but model.max_seq_len={seq_len}; "
                         f"prepare it again for this n (another data.prepared_dir) or train with "
-                        f"n={manifest['seq_len']}")
-    have = manifest["tokenizer"]["sha256"]
+                        f"n={prepared_n}")
     if tokenizer_sha256 is not None and tokenizer_sha256 != have:
         raise DataError(f"{root} was tokenized with tokenizer sha256 {have[:12]} but this run's tokenizer "
                         f"is {tokenizer_sha256[:12]}; use the tokenizer it was prepared with "
-                        f"({manifest['tokenizer']['path']}) or prepare it again")
+                        f"({tok_rel}) or prepare it again")
     sets = {}
-    for split in SPLITS:
-        info = manifest["splits"][split]
-        path = root / info["file"]
-        want = info["blocks"] * seq_len * np.dtype(manifest["dtype"]).itemsize
+    for split, (name, blocks) in splits.items():
+        path = root / name
+        want = blocks * seq_len * itemsize
         if not path.is_file() or path.stat().st_size != want:
             got = path.stat().st_size if path.is_file() else "no file"
             raise DataError(f"{path} has {got} bytes but the manifest says {want}; the set is damaged, "
                             f"delete {root} and prepare it again")
-        sets[split] = BlockSet(path, seq_len, manifest["dtype"], info["blocks"])
+        sets[split] = BlockSet(path, seq_len, manifest["dtype"], blocks)
     return PreparedData(root, manifest, sets["train"], sets["validation"])
 
 
@@ -486,7 +501,7 @@ def _tokenizer_for(cfg: "DataConfig", out: Path, source: Source, vocab_size: int
         path = out / "tokenizer" / MODEL_FILE
     if not path.is_file():
         return path, f"{path} does not exist yet"
-    meta = json.loads(meta_path(path).read_text()) if meta_path(path).is_file() else {}
+    meta = read_meta(path)
     want = {"trained_with": training_spec(cfg, vocab_size), "source_fingerprint": source.fingerprint()}
     have = {k: meta.get(k) for k in want}
     if have != json.loads(json.dumps(want)):

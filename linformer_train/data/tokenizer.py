@@ -85,13 +85,7 @@ class Tokenizer:
         self.word_start[list(SPECIAL_IDS.values())] = True  # a special token always ends a word
 
     def _read_meta(self) -> dict:
-        meta = meta_path(self.path)
-        if not meta.is_file():
-            return {}
-        try:
-            return json.loads(meta.read_text())
-        except ValueError:
-            raise DataError(f"{meta} is not valid JSON; delete it or train the tokenizer again") from None
+        return read_meta(self.path)
 
     def _check_specials(self) -> None:
         where = f"tokenizer {self.path}"
@@ -134,6 +128,21 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def read_meta(model: Path) -> dict:
+    """The tokenizer.json next to a model ({} when absent); DataError when it is not a JSON object."""
+    meta = meta_path(model)
+    if not meta.is_file():
+        return {}
+    try:
+        data = json.loads(meta.read_text())
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise DataError(f"{meta} is not a valid tokenizer record (a JSON object); delete it or train the "
+                        f"tokenizer again")
+    return data
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

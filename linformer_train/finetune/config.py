@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from linformer_train.config import (Config, ConfigError, LoggingConfig, OptimConfig, PrecisionConfig,
-                                    TrainConfig, _one_line, _parse_overrides, _read_yaml)
+                                    TrainConfig, _one_line, _parse_overrides, _read_yaml, check_finite,
+                                    check_raw_types, validate_precision)
 
 
 @dataclass
@@ -136,6 +137,7 @@ def load_finetune_config(files: Sequence[str | Path] = (), overrides: Sequence[s
 
 
 def finetune_config_from_dict(raw: dict) -> FinetuneConfig:
+    check_raw_types(FinetuneConfig, raw or {})
     try:
         merged = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), OmegaConf.create(raw or {}))
         cfg = OmegaConf.to_object(merged)
@@ -168,6 +170,7 @@ def validate(cfg: FinetuneConfig) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _check(value in allowed, f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+    check_finite(cfg)
     m, t, o, tr = cfg.model, cfg.task, cfg.optim, cfg.train
     _check(bool(m.pretrained), "model.pretrained is empty; name a model directory (tools/convert.py export)")
     if m.max_length is not None:
@@ -191,7 +194,8 @@ def validate(cfg: FinetuneConfig) -> None:
         v = getattr(t, name)
         _check(v is None or v > 0, f"task.{name}={v} must be positive (or unset)")
     _check(o.lr > 0, f"optim.lr={o.lr} must be positive")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas} must be two values in [0, 1)")
+    _check(len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                      for b in o.betas), f"optim.betas={o.betas} must be two values in [0, 1)")
     _check(o.eps > 0, f"optim.eps={o.eps} must be positive")
     _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     _check(0.0 <= o.warmup_ratio < 1.0, f"optim.warmup_ratio={o.warmup_ratio} must lie in [0, 1)")
@@ -208,9 +212,7 @@ def validate(cfg: FinetuneConfig) -> None:
            and len(set(tr.seeds)) == len(tr.seeds),
            f"train.seeds={tr.seeds} must be a non-empty list of distinct ints")
     _check(bool(tr.output_dir), "train.output_dir is empty; name a directory for results")
-    p = cfg.precision
-    _check(not (p.offload_params and p.zero_stage != 3), f"precision.offload_params needs zero_stage=3 (got {p.zero_stage})")
-    _check(not (p.offload_optimizer and p.zero_stage == 0), "precision.offload_optimizer needs zero_stage >= 1")
+    validate_precision(cfg.precision)
     _check(cfg.logging.log_every > 0, f"logging.log_every={cfg.logging.log_every} must be positive")
 
 
