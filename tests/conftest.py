@@ -34,6 +34,20 @@ def prepared_data(tmp_path_factory) -> Path:
     return Path(ensure_prepared(cfg.data, cfg.model.max_seq_len, root, cfg.model.vocab_size))
 
 
+def write_topics(path: Path, n_docs: int = 40) -> Path:
+    """A small English corpus: the first reference-manual topics shipped with Python."""
+    from pydoc_data.topics import topics
+
+    path.write_text("\n\n".join(topics[k].strip() for k in sorted(topics)[:n_docs]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """write_topics() in a fresh folder, once per test module."""
+    return write_topics(tmp_path_factory.mktemp("corpus") / "topics.txt")
+
+
 def tiny_overrides(prepared_data: Path, run_dir: Path, *extra: str) -> list[str]:
     return TINY + [f"data.prepared_dir={prepared_data}", f"train.run_dir={run_dir}", *extra]
 

@@ -16,19 +16,6 @@ from linformer_train.data.tokenizer import (BOS_ID, EOS_ID, MASK_ID, PAD_ID, UNK
                                             meta_path, train_tokenizer)
 
 
-def write_topics(path: Path, n_docs: int = 40) -> Path:
-    """A small English corpus: the first reference-manual topics shipped with Python."""
-    from pydoc_data.topics import topics
-
-    path.write_text("\n\n".join(topics[k].strip() for k in sorted(topics)[:n_docs]) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_topics(tmp_path_factory.mktemp("corpus") / "topics.txt")
-
-
 @pytest.fixture(scope="module")
 def tok_path(corpus, tmp_path_factory) -> Path:
     cfg = load_config([], ["data.source=files", f"data.paths=[{corpus}]"]).data
