@@ -1,4 +1,5 @@
-"""Shared fixtures: one small prepared corpus for every training test, and subprocess helpers."""
+"""Shared fixtures: one small prepared corpus for every training test, and subprocess helpers
+(through helpers/proc.py: hang detection instead of timeouts, no orphans)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import proc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,19 +55,27 @@ def tiny_overrides(prepared_data: Path, run_dir: Path, *extra: str) -> list[str]
     return TINY + [f"data.prepared_dir={prepared_data}", f"train.run_dir={run_dir}", *extra]
 
 
-def run_cli(args: list[str], timeout: float = 300, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=full_env, **kw)
+def cli_env(env: dict | None = None) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
 
 
-def pretrain(overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return run_cli([sys.executable, "launch/pretrain.py", *overrides], timeout=timeout)
+def run_cli(args: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run a command from the checkout; no deadline, but a hang (no output, no CPU for
+    helpers.proc.HANG_S seconds) fails the test, and no process of it outlives the call."""
+    return proc.run(args, cwd=ROOT, env=cli_env(env), **kw)
 
 
-def deepspeed_run(script: str, args: list[str], ranks: int = 2, timeout: float = 300):
-    return run_cli([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                    "--master_port", str(_free_port()), script, *args], timeout=timeout)
+def pretrain(overrides: list[str]) -> subprocess.CompletedProcess:
+    return run_cli([sys.executable, "launch/pretrain.py", *overrides])
+
+
+def deepspeed_command(script: str, args: list[str], ranks: int = 2) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+            "--master_port", str(_free_port()), script, *args]
+
+
+def deepspeed_run(script: str, args: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
+    return run_cli(deepspeed_command(script, args, ranks))
 
 
 def _free_port() -> int:

@@ -149,7 +149,7 @@ def checkpoints(tmp_path_factory, tokenizer_path) -> Path:
     root = tmp_path_factory.mktemp("ds")
     script = root / "make_checkpoints.py"
     script.write_text(MAKE_CHECKPOINTS.format(root=str(ROOT), vocab=VOCAB, n=N))
-    res = deepspeed_run(str(script), [str(tokenizer_path), str(root)], ranks=2, timeout=300)
+    res = deepspeed_run(str(script), [str(tokenizer_path), str(root)], ranks=2)
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
     return root
 
@@ -229,7 +229,7 @@ def test_export_of_a_real_training_run_finds_its_tokenizer(prepared_data, tmp_pa
 
     run = tmp_path / "run"
     res = pretrain(tiny_overrides(prepared_data, run, "train.max_steps=2", "train.eval_every=0",
-                                  "checkpoint.save_every=0", "model.sharing=kv"), timeout=180)
+                                  "checkpoint.save_every=0", "model.sharing=kv"))
     assert res.returncode == 0, res.stderr[-2000:]
     out = export_checkpoint(run, tmp_path / "model")
     model = from_pretrained(out)

@@ -3,30 +3,30 @@ code 2 and no traceback for every kind of bad input; counts of what was skipped 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import proc
 from linformer_train.config import load_config
 from linformer_train.data.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start(tool: str, args: list[str], cwd: Path, **env) -> subprocess.Popen:
+def start(tool: str, args: list[str], cwd: Path, **env) -> proc.Child:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cwd / "hf_cache"), **env}
-    return subprocess.Popen([sys.executable, str(ROOT / "tools" / f"{tool}.py"), *args], cwd=cwd,
-                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc.start([sys.executable, str(ROOT / "tools" / f"{tool}.py"), *args], cwd=cwd, env=full_env)
 
 
-def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=120)
-    return proc.returncode, out, err
+def finish(child: proc.Child) -> tuple[int, str, str]:
+    res = child.wait()
+    return res.returncode, res.stdout, res.stderr
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,12 @@ def bad_runs(files) -> dict[str, tuple[int, str, str]]:
     """Every bad-input command, started at once (each pays Python's start-up)."""
     d = files["dir"]
     procs = {}
-    for name, (tool, args, _) in BAD.items():
-        args = [a.format(d=d, tok=files["tok"]) for a in args]
-        procs[name] = start(tool, args + [f"train.run_dir={d / 'runs' / name.replace(' ', '_')}"], d)
-    return {name: finish(p) for name, p in procs.items()}
+    with contextlib.ExitStack() as running:  # a failure in one leaves none of the others running
+        for name, (tool, args, _) in BAD.items():
+            args = [a.format(d=d, tok=files["tok"]) for a in args]
+            procs[name] = running.enter_context(
+                start(tool, args + [f"train.run_dir={d / 'runs' / name.replace(' ', '_')}"], d))
+        return {name: finish(p) for name, p in procs.items()}
 
 
 @pytest.mark.parametrize("case", list(BAD))

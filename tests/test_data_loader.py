@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import proc
 from linformer_train.config import load_config
 from linformer_train.data import DataError
 from linformer_train.data.loader import MLMLoader, build_training_data, validation_batches
@@ -223,6 +224,7 @@ def _rank_main(rank: int, port: int, overrides: list[str], out) -> None:
 
 def _two_ranks(overrides: list[str]) -> dict:
     import multiprocessing
+    import queue
     import socket
 
     with socket.socket() as s:
@@ -231,11 +233,30 @@ def _two_ranks(overrides: list[str]) -> dict:
     ctx = multiprocessing.get_context("spawn")  # fork of a process running threads can deadlock
     out = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, port, overrides, out)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    results = {r[0]: r for r in (out.get(timeout=120) for _ in procs)}
-    for p in procs:
-        p.join(timeout=30)
+    results = {}
+
+    def both_reported() -> bool:
+        while len(results) < 2:
+            try:
+                r = out.get_nowait()
+            except queue.Empty:
+                return False
+            results[r[0]] = r
+        return True
+
+    def alive() -> list[int]:
+        return [p.pid for p in procs if p.is_alive()]
+
+    try:  # no deadline: waits while the ranks progress (helpers/proc.py), never leaves them running
+        for p in procs:
+            p.start()
+        proc.wait_for_processes(both_reported, "both ranks' results", alive)
+        proc.wait_for_processes(lambda: not alive(), "both ranks to exit", alive)
+    finally:
+        proc.kill_trees(alive())
+        for p in procs:
+            if p.pid is not None:
+                p.join()
     return results
 
 

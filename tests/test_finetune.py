@@ -96,11 +96,11 @@ def _free_port() -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def finetune_cli(args: list[str], ranks: int = 1, timeout: float = 300):
+def finetune_cli(args: list[str], ranks: int = 1):
     if ranks == 1:
-        return run_cli([sys.executable, "tools/finetune.py", "train", *args], timeout=timeout)
+        return run_cli([sys.executable, "tools/finetune.py", "train", *args])
     return run_cli([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                    "--master_port", str(_free_port()), "tools/finetune.py", "train", *args], timeout=timeout)
+                    "--master_port", str(_free_port()), "tools/finetune.py", "train", *args])
 
 
 def test_two_ranks_zero3_learns_keeps_best_and_predicts(data, tmp_path):
@@ -297,7 +297,7 @@ def test_preset_offline_fails_with_a_hint(data, tmp_path):
     out = tmp_path / "out"
     res = run_cli([sys.executable, "tools/finetune.py", "train", f"model.pretrained={data / 'pretrained'}",
                    "task.preset=sst2", f"train.output_dir={out}"],
-                  env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=120)
+                  env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot load nyu-mll/glue/sst2 [train] (")

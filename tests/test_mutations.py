@@ -9,10 +9,10 @@ sample runs as real subprocesses to prove the command-line path. docs/RELIABILIT
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
-import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from helpers import proc
 from helpers.inprocess import accept, call, load_tool
 from linformer_train.config import CHOICES, Config
 
@@ -377,21 +378,23 @@ def test_a_sample_through_the_real_command_line(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     sample = subprocess_sample()
     procs = []
-    for argv, names in sample:  # two at a time: the machine has two cores
-        if len(procs) >= 2:
-            procs[-2][2].wait(timeout=120)
-        # first, so that a mutation of the same key wins; nothing may be written into the checkout
-        run_dir = [f"train.run_dir={tmp_path / 'run'}"] if argv[0] == "launch/pretrain.py" else []
-        p = subprocess.Popen([sys.executable, argv[0], *run_dir, *argv[1:]], cwd=ROOT, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        procs.append((argv, names, p))
     bad = []
-    for argv, names, p in procs:
-        _, err = p.communicate(timeout=120)
-        lines = [line for line in err.splitlines() if line.startswith("error: ")]
-        ok = (p.returncode == 2 and "Traceback" not in err and len(lines) == 1
-              and (not names or any(n in lines[0] for n in names)))
-        if not ok:
-            bad.append(f"{argv}: exit {p.returncode}, {err.strip().splitlines()[-3:]}")
+    with contextlib.ExitStack() as running:  # a failure in one leaves none of the others running
+        for argv, names in sample:  # two at a time: the machine has two cores
+            if len(procs) >= 2:
+                procs[-2][2].wait()
+            # first, so that a mutation of the same key wins; nothing may be written into the checkout
+            run_dir = [f"train.run_dir={tmp_path / 'run'}"] if argv[0] == "launch/pretrain.py" else []
+            child = running.enter_context(
+                proc.start([sys.executable, argv[0], *run_dir, *argv[1:]], cwd=ROOT, env=env))
+            procs.append((argv, names, child))
+        for argv, names, child in procs:
+            res = child.wait()
+            err = res.stderr
+            lines = [line for line in err.splitlines() if line.startswith("error: ")]
+            ok = (res.returncode == 2 and "Traceback" not in err and len(lines) == 1
+                  and (not names or any(n in lines[0] for n in names)))
+            if not ok:
+                bad.append(f"{argv}: exit {res.returncode}, {err.strip().splitlines()[-3:]}")
     assert len(sample) >= 10
     assert not bad, "\n".join(bad)

@@ -2,16 +2,14 @@
 mid-save, bad input; and 2 CPU ranks under the deepspeed launcher for ZeRO 1, 2 and 3."""
 
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, deepspeed_run, pretrain, read_metrics, run_cli, tiny_overrides
+from conftest import ROOT, cli_env, deepspeed_run, pretrain, read_metrics, run_cli, tiny_overrides
+from helpers import proc
 from linformer_train.train.checkpoint import CheckpointManager, verify_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -60,14 +58,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared_data, tmp_path):
     args = [sys.executable, "launch/pretrain.py",
             *tiny_overrides(prepared_data, run, "train.max_steps=100000", "train.eval_every=0",
                             "checkpoint.save_every=0")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 3):
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
+    with proc.start(args, cwd=ROOT, env=cli_env()) as child:
+        metrics = run / "metrics.jsonl"  # complete lines only: the run is writing it
+        child.wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3,
+                         "three steps were logged")
+        child.send_signal(signal.SIGTERM)
+        res = child.wait()
+    out, err = res.stdout, res.stderr
+    assert res.returncode == 0, err[-3000:]
     latest = CheckpointManager(run / "checkpoints", 3).latest()
     steps = [r["step"] for r in read_metrics(run)]
     assert latest is not None and int(latest.name.split("_")[1]) >= steps[-1] >= 3
@@ -97,7 +95,7 @@ def test_kill_during_save_keeps_previous_checkpoint(prepared_data, tmp_path, sta
     (["--bogus-flag"], "error: pretrain: unrecognized arguments: --bogus-flag"),
 ])
 def test_bad_input_is_one_line(prepared_data, tmp_path, overrides, message):
-    res = pretrain(tiny_overrides(prepared_data, tmp_path / "run") + overrides, timeout=120)
+    res = pretrain(tiny_overrides(prepared_data, tmp_path / "run") + overrides)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
@@ -108,7 +106,7 @@ def test_partial_checkpoint_named_for_resume_is_refused(prepared_data, tmp_path)
     run = tmp_path / "run"
     partial = run / "checkpoints" / "step_00000005.tmp"
     partial.mkdir(parents=True)
-    res = pretrain(tiny_overrides(prepared_data, run, f"checkpoint.resume={partial}"), timeout=120)
+    res = pretrain(tiny_overrides(prepared_data, run, f"checkpoint.resume={partial}"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "is incomplete (no complete.json: its save never finished)" in res.stderr
 

@@ -18,15 +18,14 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, deepspeed_run, read_metrics, run_cli, tiny_overrides, _free_port
+from conftest import ROOT, cli_env, deepspeed_command, deepspeed_run, read_metrics, run_cli, tiny_overrides, _free_port
+from helpers import proc
 from helpers.faults import make_writable
 from helpers.inprocess import accept, call
 from linformer_train.train.checkpoint import (
@@ -49,16 +48,13 @@ def _by_step(rows: list[dict]) -> dict[int, list[tuple]]:
     return out
 
 
-def _signal_ranks_when(marker: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+def _signal_ranks_when(marker: Path, job: proc.Child) -> None:
     """SIGTERM every rank of the job once rank 0 waits at the marked step (what torchrun and
     SLURM's srun do with a SIGTERM: every task gets it)."""
     import psutil
 
-    deadline = time.monotonic() + timeout
-    while not marker.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the job never reached the step"
-        time.sleep(0.1)
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+    job.wait_until(marker.exists, f"rank 0 reached {marker.name}")
+    ranks = [p for p in psutil.Process(job.pid).children(recursive=True)
              if any(a.startswith("--local_rank") for a in p.cmdline())]
     assert len(ranks) == 2
     for p in ranks:
@@ -75,18 +71,10 @@ def two_rank_job(prepared_data, tmp_path_factory):
     saved_a = run.parent / "after_a"  # a 2-rank ZeRO-1 checkpoint for the artefact tests
     shutil.copytree(run / "checkpoints", saved_a)
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
-         "tests/helpers/faults.py", "--await-sigterm", "5", "--", *overrides, "--resume"],
-        cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _signal_ranks_when(run / "awaiting_sigterm_5", proc)
-        out_b, err_b = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    b = subprocess.CompletedProcess(proc.args, proc.returncode, out_b, err_b)
+    b_args = ["--await-sigterm", "5", "--", *overrides, "--resume"]
+    with proc.start(deepspeed_command("tests/helpers/faults.py", b_args), cwd=ROOT, env=cli_env()) as job:
+        _signal_ranks_when(run / "awaiting_sigterm_5", job)
+        b = job.wait()
     rows_b = read_metrics(run)[len(rows_a):]
     latest_b = CheckpointManager(run / "checkpoints", 3).latest()
 
@@ -251,7 +239,7 @@ def real_entry(monkeypatch):
 
     def run(argv):
         monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-        return call(pretrain, argv, timeout=120)
+        return call(pretrain, argv)
 
     return run
 
@@ -389,7 +377,7 @@ def test_damaged_model_directories_are_refused_by_every_tool(two_rank_job, prepa
 
     model = tmp_path / "model"
     exported = call(convert, ["export", str(two_rank_job["saved_a"] / "step_00000004"), str(model),
-                              "--tokenizer", str(prepared_data / "tokenizer" / "tokenizer.model")], timeout=300)
+                              "--tokenizer", str(prepared_data / "tokenizer" / "tokenizer.model")])
     assert exported.code == 0, exported.lines[-3:]
     other = _other_tokenizer(tmp_path)
 
@@ -434,7 +422,7 @@ def test_damaged_model_directories_are_refused_by_every_tool(two_rank_job, prepa
         for use in used_by:
             main, argv = uses[use]
             tried += 1
-            out = real_entry(argv) if main is None else call(main, argv, timeout=120)
+            out = real_entry(argv) if main is None else call(main, argv)
             if not out.one_line_error(*words):
                 bad.append(f"{name} via {use}: exit {out.code}, {out.lines[-2:]}")
     assert tried >= 35

@@ -7,8 +7,8 @@ Faults (steps count from 1, as the logs do; a rank-specific fault fires on that 
   --kill RANK:STEP          SIGKILL this rank in the middle of STEP (in the first forward)
   --nan RANK:STEP[,STEP]    the loss (and so every gradient) of RANK is NaN at those steps
   --await-sigterm STEP      rank 0 writes <run_dir>/awaiting_sigterm_STEP at the start of STEP and
-                            waits (up to 120 s) until a signal has arrived: the test sends SIGTERM
-                            from outside, and the stop lands at a known step
+                            waits until a signal has arrived: the test sends SIGTERM from outside,
+                            and the stop lands at a known step
   --unwritable-after-save N after the N-th save, rank 0 makes <run_dir>/checkpoints unwritable
                             (chmod 0555; as root, where modes do not bind, also `chattr +i`)
 
@@ -82,8 +82,7 @@ def faulty_trainer(args) -> type:
             if args.await_sigterm and self.rank == 0 and self.step + 1 == args.await_sigterm:
                 marker = self.run_dir / f"awaiting_sigterm_{args.await_sigterm}"
                 marker.write_text(str(os.getpid()))
-                deadline = time.monotonic() + 120
-                while not self._stop_requested and time.monotonic() < deadline:
+                while not self._stop_requested:  # no deadline: the test's hang detection has one
                     time.sleep(0.02)
             return super().train_step(window)
 

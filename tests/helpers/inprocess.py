@@ -11,6 +11,8 @@ import importlib.util
 import io
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,32 +44,63 @@ class Outcome:
                 and (not names or any(n in lines[0] for n in names)))
 
 
-def call(main, argv: list[str], timeout: float = 30.0, wrap: bool = True) -> Outcome:
+class _Stalled(BaseException):
+    """Raised in the main thread by the watchdog (a BaseException: `except Exception` in the code
+    under test must not swallow it)."""
+
+
+@contextlib.contextmanager
+def hang_guard(output: io.StringIO, hang_s: float | None = None):
+    """Raise _Stalled in this (the main) thread when this process makes no progress, the rule of
+    helpers/proc.py: no output and almost no CPU for the hang period. A watchdog thread samples;
+    a signal (SIGUSR1) interrupts a blocking call. Busy loops are left to pytest-timeout."""
+    from helpers.proc import CHECK_EVERY_S, ProgressWatch
+
+    watch = ProgressWatch(hang_s)
+    stop = threading.Event()
+    main = threading.get_ident()
+
+    def on_signal(signum, frame):
+        raise _Stalled(watch.describe())
+
+    def watchdog():
+        while not stop.wait(CHECK_EVERY_S):
+            watch.update(time.process_time(), output.tell())
+            if watch.hung:
+                signal.pthread_kill(main, signal.SIGUSR1)
+                return
+
+    previous = signal.signal(signal.SIGUSR1, on_signal)
+    thread = threading.Thread(target=watchdog, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def call(main, argv: list[str], wrap: bool = True, hang_s: float | None = None) -> Outcome:
     """``run_main(main, argv)`` (or ``main(argv)`` when ``wrap`` is false: tools with their own
-    handler); a SystemExit becomes its code, any other escape is reported, not raised."""
+    handler); a SystemExit becomes its code, a hang (see hang_guard) the code "hang", any other
+    escape is reported, not raised."""
     from linformer_train.cli import run_main
 
-    def on_alarm(signum, frame):
-        raise TimeoutError
-
     err = io.StringIO()
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with hang_guard(err, hang_s), contextlib.redirect_stderr(err), \
+                contextlib.redirect_stdout(io.StringIO()):
             try:
                 code = run_main(main, argv) if wrap else main(argv)
             except SystemExit as exc:
                 code = exc.code
     except Accepted:
         code = "accepted"
-    except TimeoutError:
+    except _Stalled:
         code = "hang"
     except BaseException as exc:  # noqa: BLE001 - a traceback is the failure being looked for
         code = f"exception: {type(exc).__name__}: {str(exc)[:200]}"
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
     return Outcome(code, err.getvalue())
 
 
