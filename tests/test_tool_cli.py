@@ -1,15 +1,20 @@
-"""The tools say the truth about themselves: bench_pretrain's exit code, progress and help."""
+"""The tools say the truth about themselves: bench_pretrain's exit code, progress and help; the
+profiler's warning about a timing taken while other processes had the cores, and its table fitted to
+the terminal."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 
 import psutil
 import pytest
+from rich.console import Console
 
 from helpers.inprocess import load_tool
+from linformer_train import profiling as prof
 from linformer_train.cli import run_main
 
 
@@ -77,3 +82,70 @@ def test_bench_flags_all_have_help():
     parser = load_tool("bench_pretrain").build_parser()
     assert len(_actions(parser)) >= 13
     assert [a.dest for a in _actions(parser) if not a.help] == []
+
+
+# -------------------------------------------------------------------------------------- profile.py
+
+
+def _row(label, n, time_ms, share, threads=2, clock="wall", status="ok"):
+    ok = status == "ok"
+    return {"label": label, "attention": label.split()[0], "impl": "project", "target": "encoder",
+            "mode": "backward", "dtype": "fp32", "device": "cpu", "n": n, "batch": 1, "layers": 1,
+            "hidden": 64, "heads": 4, "ffn": 128, "vocab": 128, "dropout": 0.0, "attention_dropout": 0.0,
+            "status": status, "time_ms": time_ms if ok else None, "mem_step_mib": 10.0 if ok else None,
+            "mem_peak_mib": 300.0 if ok else None, "tokens_per_s": n / time_ms * 1e3 if ok else None,
+            "tflops": 0.01 if ok else None, "mfu": 0.05 if ok else None, "cpu_share": share if ok else None,
+            "threads": threads, "clock": clock, "loadavg_1m": 5.2, "reason": None if ok else "boom"}
+
+
+def test_profile_sweep_warns_when_other_processes_had_the_cores(monkeypatch, tmp_path, capsys):
+    """The case from a shared machine: n=512 at CPU share 0.37 took longer than n=2048 at 0.95."""
+    cli = load_tool("profile")
+    rows = [_row("linformer k=128", 512, 1085.0, 0.37), _row("linformer k=128", 2048, 570.0, 0.95),
+            _row("linformer k=128", 4096, 900.0, 0.85, threads=1),  # 0.85 of a core: a little noise
+            _row("linformer k=128", 8192, 2000.0, 0.30, clock="cpu")]  # CPU clock: not inflated
+
+    def fake_sweep(cases, on_row=None, **kw):
+        for r in rows:
+            on_row(r)
+        return rows
+
+    monkeypatch.setattr(prof, "run_sweep", fake_sweep)
+    code = cli.main(["sweep", "--preset", "tiny", "-n", "64", "--k", "16", "--attention", "linformer",
+                     "--peak-tflops", "1", "--no-plots", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2, err
+    assert warnings[0].startswith("warning: linformer k=128 backward n=512 b=1: CPU share 0.37 with 2 thread(s)")
+    assert "load average 5.2" in warnings[0] and "1085.0 ms is inflated" in warnings[0]
+    assert warnings[1].startswith("warning: 1 of 4 cases ran while other processes took the cores "
+                                  "(lowest CPU share 0.37: linformer k=128 n=512)")
+    assert "--wait-idle 0.3 120" in warnings[1]
+    assert cli.low_cpu_share(_row("x", 64, 1.0, 0.39)) and not cli.low_cpu_share(_row("x", 64, 1.0, 0.41))
+
+
+def test_profile_table_fits_the_terminal_width():
+    rows = [_row("linformer k=128 kv", n, 100.0, 0.9) for n in (512, 2048)]
+    rows += [_row("naive", 512, 400.0, 0.9), _row("naive", 2048, None, None, status="oom")]
+    rows[-1]["reason"] = "OutOfMemoryError: tried to allocate 24.00 GiB " + "x" * 200
+    prof.add_ratios(rows)
+
+    def printed(width: int) -> list[str]:
+        console = Console(width=width, file=io.StringIO())
+        prof.print_table(rows, "a sweep", console)
+        return console.file.getvalue().splitlines()
+
+    for width in (60, 80, 100):
+        lines = printed(width)
+        assert max(len(line) for line in lines) <= width, "\n".join(lines)
+        table = [line for line in lines if line.startswith(("┃", "│"))]
+        assert all("linformer k=128 kv" in line or "naive" in line for line in table[1:])  # no cell cut
+        assert any(line.startswith("left out to fit") for line in lines)
+        assert any(line.startswith("[1] naive n=2048 b=1: OutOfMemoryError") for line in lines)
+    wide = printed(250)
+    header = next(line for line in wide if line.startswith("┃"))
+    for name in ("time ms", "tok/s", "TFLOP/s", "MFU", "peak MiB", "xnaive spd", "xnaive mem", "status"):
+        assert name in header
+    assert "xsdpa" not in header  # no SDPA rows: the columns would be empty
+    assert not any(line.startswith("left out") for line in wide)

@@ -206,6 +206,26 @@ def _out_dir(args) -> Path:
     return Path("runs/profile") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+# A CPU step keeps at least one thread busy all the time, so undisturbed it gets at least one core's
+# worth of CPU time per second of wall time (cpu_share >= 1 / threads). Below 0.8 of that, the step
+# was off the CPU for a fifth of its wall time or more: other processes had the cores.
+LOW_CORE_SHARE = 0.8
+
+
+def low_cpu_share(row: dict) -> bool:
+    """A wall-clock CPU timing taken while other processes took the cores (its time is inflated)."""
+    share, threads = row.get("cpu_share"), row.get("threads")
+    return (row.get("status") == "ok" and row.get("clock", "wall") == "wall" and share is not None
+            and threads is not None and share * threads < LOW_CORE_SHARE)
+
+
+def _share_warning(r: dict) -> str:
+    load = f", load average {r['loadavg_1m']:.1f}" if r.get("loadavg_1m") is not None else ""
+    return (f"warning: {r['label']} {r['mode']} n={r['n']} b={r['batch']}: CPU share {r['cpu_share']:.2f} "
+            f"with {r['threads']} thread(s), {r['cpu_share'] * r['threads']:.2f} core-seconds of CPU per "
+            f"second{load}: other processes took the cores, so its {r['time_ms']:.1f} ms is inflated")
+
+
 def cmd_sweep(args) -> int:
     from linformer_train import profiling as prof
 
@@ -230,6 +250,8 @@ def cmd_sweep(args) -> int:
                 + (f", cpu share {r['cpu_share']:.2f}" if r.get("cpu_share") else "") if r["status"] == "ok"
                 else f"{r['status']}: {r['reason']}")
         console.print(f"  {r['label']:<22} {r['mode']:<8} n={r['n']:<6} b={r['batch']:<4} {what}")
+        if low_cpu_share(r):
+            print(_share_warning(r), file=sys.stderr, flush=True)
 
     rows = prof.run_sweep(cases, isolate=False if args.no_isolate else None, peak_flops=peak,
                           on_row=on_row, timeout=args.timeout,
@@ -240,6 +262,13 @@ def cmd_sweep(args) -> int:
     prof.print_table(rows, args.title, console)
     console.print(f"wrote {out / 'results.json'}, {out / 'results.csv'}"
                   + "".join(f", {p}" for p in plots))
+    low = [r for r in rows if low_cpu_share(r)]
+    if low:  # said again after the table, where the numbers are read
+        worst = min(low, key=lambda r: r["cpu_share"] * r["threads"])
+        print(f"warning: {len(low)} of {len(rows)} cases ran while other processes took the cores "
+              f"(lowest CPU share {worst['cpu_share']:.2f}: {worst['label']} n={worst['n']}); their "
+              f"times are inflated and not comparable with the others'. Rerun on an idle machine, "
+              f"with --wait-idle 0.3 120, or compare with --threads 1 --clock cpu", file=sys.stderr, flush=True)
     return 0
 
 
