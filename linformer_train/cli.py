@@ -16,8 +16,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return _Parser(prog=prog, description=description)
+def make_parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParser:
+    """An ArgumentParser whose mistakes are UsageError (one line, exit 2); ``kwargs`` go to it."""
+    return _Parser(prog=prog, description=description, **kwargs)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

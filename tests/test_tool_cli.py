@@ -1,6 +1,6 @@
 """The tools say the truth about themselves: bench_pretrain's exit code, progress and help; the
 profiler's warning about a timing taken while other processes had the cores, and its table fitted to
-the terminal."""
+the terminal; convert's --help listing its commands."""
 
 from __future__ import annotations
 
@@ -149,3 +149,34 @@ def test_profile_table_fits_the_terminal_width():
         assert name in header
     assert "xsdpa" not in header  # no SDPA rows: the columns would be empty
     assert not any(line.startswith("left out") for line in wide)
+
+
+# -------------------------------------------------------------------------------------- convert.py
+
+
+def test_convert_help_lists_each_command_on_its_own_line(capsys):
+    from linformer_train.convert.entry import convert
+
+    with pytest.raises(SystemExit) as exc:
+        convert(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    lines = out.splitlines()
+    assert lines[0] == "usage: convert [-h] COMMAND ..."
+    for usage in ("export CHECKPOINT OUT", "resize MODEL OUT model.max_seq_len=N [model.k=K]",
+                  "warm-start HF_DIR OUT --tokenizer TOK [model.key=value ...]", "inspect MODEL"):
+        assert f"  {usage}" in lines, out
+    assert max(len(line) for line in lines) <= 80
+    for command in ("export", "resize", "warm-start", "inspect"):
+        with pytest.raises(SystemExit):
+            convert([command, "--help"])
+        assert "usage: convert " + command in capsys.readouterr().out
+
+
+def test_convert_arguments_all_have_help():
+    from linformer_train.convert.entry import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == ["export", "inspect", "resize", "warm-start"]
+    missing = [f"{name} {a.dest}" for name, p in sub.choices.items() for a in _actions(p) if not a.help]
+    assert missing == []

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Sequence
 
 from linformer_train.cli import UsageError, make_parser
 
-USAGE = """\
-  export      CHECKPOINT OUT   a DeepSpeed checkpoint (step dir, checkpoints dir or run dir) -> model dir
-  resize      MODEL OUT model.max_seq_len=N [model.k=K]   new n and per-layer k
-  warm-start  HF_DIR OUT --tokenizer TOK [model.key=value ...]   RoBERTa/BERT -> Linformer
-  inspect     MODEL            print what a model directory holds
+DESCRIPTION = """\
+Export, resize and warm-start Linformer model directories.
+
+commands:
+  export CHECKPOINT OUT
+      a DeepSpeed checkpoint (a step, checkpoints or run folder) -> model dir
+  resize MODEL OUT model.max_seq_len=N [model.k=K]
+      the same model at another n and k
+  warm-start HF_DIR OUT --tokenizer TOK [model.key=value ...]
+      a local RoBERTa/BERT directory -> Linformer model directory
+  inspect MODEL
+      what a model directory holds
+
+`convert COMMAND --help` lists a command's options;
+docs/CONVERT_FINETUNE.md walks through them.
 """
 
 
@@ -47,44 +58,65 @@ def parse_with_overrides(parser, argv: Sequence[str]):
     return args
 
 
-def convert(argv: Sequence[str]) -> int:
-    parser = make_parser("convert", "Export, resize and warm-start Linformer model directories.\n" + USAGE)
-    sub = parser.add_subparsers(dest="command", metavar="{export,resize,warm-start,inspect}")
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("convert", DESCRIPTION, usage="%(prog)s [-h] COMMAND ...",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the commands are listed in the description, with their arguments
+    sub = parser.add_subparsers(dest="command", metavar="{export,resize,warm-start,inspect}", help=argparse.SUPPRESS,
+                                prog=parser.prog)
     sub.required = True
 
-    p = sub.add_parser("export", help="DeepSpeed checkpoint -> model directory")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p = sub.add_parser("export", help="DeepSpeed checkpoint -> model directory",
+                       description="A DeepSpeed checkpoint -> a portable model directory "
+                                   "(safetensors, config.yaml, tokenizer).")
+    p.add_argument("checkpoint", help="a step folder, a checkpoints folder (its latest) or a run folder")
+    p.add_argument("out", help="the model directory to write")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights' dtype (default: fp32)")
     p.add_argument("--tokenizer", help="tokenizer.model or its directory (default: the run's)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
-    p = sub.add_parser("resize", help="change n (max_seq_len) and k")
-    p.add_argument("model")
-    p.add_argument("out")
-    p.add_argument("overrides", nargs="*", metavar="model.key=value")
-    p.add_argument("--positions", choices=("interpolate", "copy"), default="interpolate")
-    p.add_argument("--projection-scaling", choices=("norm", "linear", "none"), default="norm")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("resize", help="change n (max_seq_len) and k",
+                       description="The same model at another n (model.max_seq_len) and k.")
+    p.add_argument("model", help="a model directory")
+    p.add_argument("out", help="the model directory to write")
+    p.add_argument("overrides", nargs="*", metavar="model.key=value",
+                   help="model.max_seq_len=N (required) and model.k=K")
+    p.add_argument("--positions", choices=("interpolate", "copy"), default="interpolate",
+                   help="a longer n: stretch the position table linearly (interpolate), or tile it, "
+                        "position i taking row i mod n (copy) (default: interpolate)")
+    p.add_argument("--projection-scaling", choices=("norm", "linear", "none"), default="norm",
+                   help="E and F rows after interpolation: keep each row's L2 norm (norm), multiply "
+                        "by n/n' (linear) or leave them (none) (default: norm)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="weights' dtype (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="for the rows a larger k adds (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
-    p = sub.add_parser("warm-start", help="local RoBERTa/BERT directory -> Linformer model directory")
-    p.add_argument("hf_dir")
-    p.add_argument("out")
+    p = sub.add_parser("warm-start", help="local RoBERTa/BERT directory -> Linformer model directory",
+                       description="A local RoBERTa/BERT directory -> a Linformer model directory.")
+    p.add_argument("hf_dir", help="a Hugging Face model directory (config.json and weights)")
+    p.add_argument("out", help="the model directory to write")
     p.add_argument("--tokenizer", required=True, help="this project's tokenizer.model (or its directory)")
-    p.add_argument("overrides", nargs="*", metavar="model.key=value")
-    p.add_argument("--positions", choices=("copy", "interpolate"), default="copy")
-    p.add_argument("--min-vocab-coverage", type=float, default=1.0)
+    p.add_argument("overrides", nargs="*", metavar="model.key=value",
+                   help="Linformer settings: model.attention, model.max_seq_len, model.k, model.sharing ...")
+    p.add_argument("--positions", choices=("copy", "interpolate"), default="copy",
+                   help="a longer n than the model's: tile the position table, position i taking row i "
+                        "mod n (copy), or stretch it (interpolate) (default: copy)")
+    p.add_argument("--min-vocab-coverage", type=float, default=1.0,
+                   help="share of the tokenizer's pieces the HF vocabulary must hold; a missing piece's "
+                        "row starts as the mean of its characters' rows (default: 1.0)")
     p.add_argument("--init-head", action="store_true", help="start a fresh MLM head if the model has none")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights' dtype (default: fp32)")
+    p.add_argument("--seed", type=int, default=0, help="for the E/F projections and a fresh head (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
-    p = sub.add_parser("inspect", help="print a model directory's description")
-    p.add_argument("model")
+    p = sub.add_parser("inspect", help="print a model directory's description",
+                       description="Print what a model directory holds.")
+    p.add_argument("model", help="a model directory")
+    return parser
 
-    args = parse_with_overrides(parser, argv)
+
+def convert(argv: Sequence[str]) -> int:
+    args = parse_with_overrides(build_parser(), argv)
 
     if args.command == "export":
         from linformer_train.convert.export import export_checkpoint
