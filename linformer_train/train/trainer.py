@@ -327,10 +327,12 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
-        for batch in micro:
+        for i, batch in enumerate(micro, 1):
             out = engine(batch["input_ids"].to(self.device, non_blocking=True),
                          labels=batch["labels"].to(self.device, non_blocking=True))
             engine.backward(out.loss_sum * (accum * self.world_size) / count)
+            if i == accum:  # the gradients are complete (and all-reduced) and not yet clipped
+                window.note_gradients(self)
             engine.step()
             loss_sum += out.loss_sum.detach().float()
             correct += out.num_correct.detach().float()
@@ -423,6 +425,7 @@ class _Window:
 
     def __init__(self):
         self.loss_sum = self.correct = self.count = None
+        self.grad_norm = None
         self.steps = 0
         self.applied = 0
         self.lr = 0.0
@@ -444,6 +447,14 @@ class _Window:
         self.steps += 1
         self.lr = lr
 
+    def note_gradients(self, trainer: Trainer) -> None:
+        """The gradient norm where DeepSpeed reports none (fp32 at ZeRO stage 0, whose optimizer is
+        ours), on logging steps only: one pass over the gradients, on the device, read when logged."""
+        if isinstance(trainer.optimizer, FiniteAdamW) and trainer.metrics.should_log(trainer.step + 1):
+            grads = [p.grad for p in trainer.engine.module.parameters() if p.grad is not None]
+            if grads:
+                self.grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
     def summary(self, trainer: Trainer, eta: float) -> dict[str, float]:
         elapsed = time.perf_counter() - self.t0
         if self.loss_sum is not None:
@@ -458,7 +469,10 @@ class _Window:
         tokens_per_s = seqs * trainer.cfg.model.max_seq_len / elapsed
         achieved = seqs * trainer.flops_per_seq / elapsed / trainer.world_size
         grad_norm = trainer.engine.get_global_grad_norm()
-        scale = getattr(trainer.optimizer, "cur_scale", None)
+        if grad_norm is None:
+            grad_norm = self.grad_norm
+        # ZeRO's optimizers keep a loss scale of 1 in fp32 and bf16: only fp16's dynamic one says something
+        scale = getattr(trainer.optimizer, "cur_scale", None) if trainer.cfg.precision.dtype == "fp16" else None
         return {
             "loss": loss,
             "accuracy": acc,
