@@ -227,7 +227,7 @@ def main(argv) -> int:
     m.add_argument("--no-compare", action="store_true",
                    help="Linformer models: skip the comparison with full attention of the same weights")
     m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    m.add_argument("--out", default="spectrum", help="output directory (default ./spectrum)")
+    m.add_argument("--out", default="runs/spectrum", help="output directory (default runs/spectrum)")
     _schedule_args(m)
     m.set_defaults(func=cmd_measure)
 
