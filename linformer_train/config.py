@@ -53,11 +53,22 @@ class ModelConfig:
     """linear (learned E, F of shape k x n) | mean (mean pooling) | conv (kernel = stride = n / k)."""
     sharing: str = "headwise"
     """none (E, F per head) | headwise (per layer) | kv (E = F per layer) | layerwise (one matrix)."""
-    short_input_scaling: str = "sqrt"
-    """Linear projections on inputs with L < n real tokens use the first L columns of E and F, so
-    each slot sums fewer tokens. sqrt multiplies the slot by sqrt(n / L) (keeps its variance when
-    weights and tokens are uncorrelated, exact at init) | length multiplies by n / L (keeps a
-    pooling-like, averaging row at its scale) | none (plain slice, as fairseq does)."""
+    projection_init: Optional[str] = None
+    """How learned E, F start (projection=linear). window: mean pooling, slot s averaging the s-th
+    of k equal windows of the n positions, then trained | normal: N(0, 1/n), the paper's dense random
+    projection (every slot mixes every position). Unset: window, unless short_input_scaling names a
+    dense-row rule (sqrt, length, none), which belongs to normal (so models saved before this option
+    existed load as they were trained), or sharing is layerwise with per-layer k (a layer reading the
+    first k_l of k_max shared windows would see only the start of the input). Short texts fine-tune
+    far better from window (docs/QUALITY.md)."""
+    short_input_scaling: Optional[str] = None
+    """Linear projections on inputs with L < n real tokens use the first L columns of E and F.
+    window: keep only the ceil(L k / n) slots whose windows the input reaches and mask the rest, no
+    rescaling (a short input reads as the prefix of a long one; needs projection_init=window) |
+    sqrt multiplies every slot by sqrt(n / L) (keeps its variance when weights and tokens are
+    uncorrelated, exact at a normal init) | length multiplies by n / L (keeps an averaging row at its
+    scale) | none (plain slice, as fairseq does). Unset: window with projection_init=window, sqrt with
+    normal."""
     norm: str = "post"
     """post (RoBERTa/BERT) | pre (LayerNorm before each sublayer, steadier at depth)."""
     dropout: float = 0.1
@@ -245,7 +256,8 @@ CHOICES: dict[str, tuple] = {
     "model.attention": ("linformer", "full", "naive"),
     "model.projection": ("linear", "mean", "conv"),
     "model.sharing": ("none", "headwise", "kv", "layerwise"),
-    "model.short_input_scaling": ("sqrt", "length", "none"),
+    "model.projection_init": ("window", "normal"),
+    "model.short_input_scaling": ("window", "sqrt", "length", "none"),
     "model.norm": ("post", "pre"),
     "data.source": ("builtin", "files", "hf"),
     "data.format": ("auto", "text", "jsonl", "parquet"),
@@ -407,14 +419,32 @@ def _section_hints(schema: type) -> dict[str, dict[str, Any]]:
 
 
 def _normalise(cfg: Config) -> Config:
-    """Turn omegaconf containers left inside Any/list/dict fields into plain Python."""
+    """Turn omegaconf containers left inside Any/list/dict fields into plain Python; give an unset
+    model.projection_init and short_input_scaling the values that belong together."""
     for section in dataclasses.fields(cfg):
         sec = getattr(cfg, section.name)
         for f in dataclasses.fields(sec):
             v = getattr(sec, f.name)
             if isinstance(v, (DictConfig, ListConfig)):
                 setattr(sec, f.name, OmegaConf.to_container(v, resolve=True))
+    m = cfg.model
+    if m.projection_init is None:
+        windows = m.short_input_scaling in (None, "window") and not _nested_layerwise(m)
+        m.projection_init = "window" if windows else "normal"
+    if m.short_input_scaling is None:
+        m.short_input_scaling = "window" if m.projection_init == "window" else "sqrt"
     return cfg
+
+
+def _nested_layerwise(m: ModelConfig) -> bool:
+    """Layerwise sharing with per-layer k: layers read different numbers of the shared rows, which
+    windows cannot serve (each row has one window)."""
+    if m.sharing != "layerwise" or isinstance(m.k, int):
+        return False
+    try:
+        return len(set(resolve_k_schedule(m.k, m.num_layers))) > 1
+    except ConfigError:
+        return False  # validate() reports the bad k
 
 
 def to_dict(cfg: Config) -> dict:
@@ -528,6 +558,16 @@ def validate(cfg: Config) -> None:
                     f"model.projection={m.projection} needs n divisible by k, but "
                     f"max_seq_len={m.max_seq_len} and k={kl} (layer {i})",
                 )
+        if m.projection == "linear":
+            _check(m.short_input_scaling != "window" or m.projection_init == "window",
+                   "model.short_input_scaling=window masks the slots past a short input by their windows, "
+                   "which only projection_init=window gives; with projection_init=normal choose "
+                   "short_input_scaling sqrt, length or none")
+            _check(not (m.projection_init == "window" and m.sharing == "layerwise" and len(set(ks)) > 1),
+                   f"model.projection_init=window with sharing=layerwise and per-layer k {ks} would give a "
+                   f"layer that reads the first {min(ks)} of the {max(ks)} shared windows only the start "
+                   f"of the input; use one k for every layer, or short_input_scaling=sqrt (dense "
+                   f"projections, projection_init=normal)")
         if m.projection != "linear":
             _check(
                 m.sharing in ("headwise", "kv") or m.projection == "mean",

@@ -77,8 +77,8 @@ FAMILIES["xlm-roberta"] = {**FAMILIES["roberta"], "prefix": "roberta.", "vocab_s
 FAMILIES["camembert"] = {**FAMILIES["roberta"], "prefix": "roberta.", "vocab_style": "sentencepiece"}
 
 # Fields of the Linformer a user chooses; the rest follow the HF model.
-USER_FIELDS = ("max_seq_len", "attention", "k", "projection", "sharing", "short_input_scaling",
-               "dropout", "attention_dropout", "init_std")
+USER_FIELDS = ("max_seq_len", "attention", "k", "projection", "sharing", "projection_init",
+               "short_input_scaling", "dropout", "attention_dropout", "init_std")
 WORD_START = "\u2581"
 
 

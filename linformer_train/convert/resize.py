@@ -23,6 +23,18 @@ Linear projections E, F ((k, n), or (H, k, n) with sharing=none):
   N(0, 1/n'). Slots have no order, so nothing is interpolated across them. With layerwise sharing
   the one (k_max, n) matrix is resized the same way and layer l keeps reading its first k_l rows.
 
+Window-initialised projections (``projection_init: window``, the default) are laid out along the
+sequence: slot s belongs to the window [floor(s n/k), floor((s+1) n/k)), and a short input keeps the
+slots it reaches. Their rows are resampled as a map over (slot, position), so every slot keeps its
+place on the sequence:
+
+- growing n stretches the map bilinearly to (k', n') and multiplies by n / n' (an averaging row
+  stays averaging, the windows stretch with the positions); ``projection_scaling`` does not apply;
+- shrinking n keeps the rows whose windows start below n', cut to n' columns, unscaled: with
+  k' = k n' / n this is exact (every input of length <= n' gives the outputs it gave before);
+  another k' resamples those rows bilinearly to k'. Without a new k, shrinking keeps the window size
+  (k' = ceil(k n' / n)), so it is exact.
+
 Mean pooling has no weights (n' must divide by each k'). A strided convolution (kernel = stride =
 n / k) keeps its weights only when n' / k' equals n / k; anything else is refused.
 """
@@ -62,11 +74,28 @@ def extend_positions(weight: torch.Tensor, n_new: int, method: str = "interpolat
     raise ConversionError(f"positions={method!r} is unknown; choose one of {', '.join(POSITION_METHODS)}")
 
 
+def resample_windows(weight: torch.Tensor, k_new: int, n_new: int) -> torch.Tensor:
+    """A window-laid-out E (.., k, n) -> (.., k', n') (see the module docstring)."""
+    n, k = weight.shape[-1], weight.shape[-2]
+    lead = weight.shape[:-2]
+    w = weight.reshape(-1, 1, k, n).float()                             # (M, 1, k, n)
+    if n_new >= n:
+        out = F.interpolate(w, size=(k_new, n_new), mode="bilinear", align_corners=False) * (n / n_new)
+    else:
+        rows = -(-k * n_new // n)                                       # windows starting below n'
+        out = w[..., :rows, :n_new]
+        if rows != k_new:
+            out = F.interpolate(out, size=(k_new, n_new), mode="bilinear", align_corners=False)
+    return out.reshape(*lead, k_new, n_new).to(weight.dtype)
+
+
 def resize_projection(weight: torch.Tensor, fresh: torch.Tensor, scaling: str,
                       short_input_scaling: str) -> torch.Tensor:
     """E (.., k, n) -> the shape of ``fresh`` (.., k', n'); rows beyond k come from ``fresh``."""
     n, n_new = weight.shape[-1], fresh.shape[-1]
     k, k_new = weight.shape[-2], fresh.shape[-2]
+    if short_input_scaling == "window":
+        return resample_windows(weight, k_new, n_new)
     if n_new >= n:
         x = weight.reshape(-1, 1, n).float()                            # (rows, 1, n)
         y = F.interpolate(x, size=n_new, mode="linear", align_corners=True) if n_new > n else x
@@ -85,6 +114,10 @@ def resize_projection(weight: torch.Tensor, fresh: torch.Tensor, scaling: str,
     return out.to(weight.dtype)
 
 
+def _windowed(cfg: ModelConfig) -> bool:
+    return cfg.attention == "linformer" and cfg.projection == "linear" and cfg.short_input_scaling == "window"
+
+
 def _is_linear_projection(key: str) -> bool:
     return key.endswith(("proj_k.weight", "proj_v.weight")) or key == "encoder.shared_projection.weight"
 
@@ -100,6 +133,10 @@ def resize_model(model: nn.Module, max_seq_len: int, k: Any = None, positions: s
     old_cfg: ModelConfig = model.cfg
     raw = to_dict_model(old_cfg)
     raw["max_seq_len"] = max_seq_len
+    if k is None and max_seq_len < old_cfg.max_seq_len and _windowed(old_cfg):
+        # keep each window's size, so that the first k' windows are the ones a short input reached
+        ks = [-(-kl * max_seq_len // old_cfg.max_seq_len) for kl in k_schedule(old_cfg)]
+        k = ks[0] if len(set(ks)) == 1 else ks
     if k is not None:
         raw["k"] = k
     try:

@@ -9,10 +9,21 @@ Padding: padded K and V rows are zeroed immediately before every projection, in 
 outputs at real positions never depend on what padded positions hold (the official fairseq code
 skips this and leaks padding into E·K from layer 2 on).
 
-Shorter inputs (L < n) use the first L columns of E and F. Each slot then sums fewer tokens, so a
-linear projection rescales it by sqrt(n / L_real) or n / L_real (``short_input_scaling``), where
-L_real counts the real (unpadded) tokens of each sequence: the result is independent of how much
-padding a batch carries. Longer inputs are refused with both lengths in the message.
+Shorter inputs (L < n) use the first L columns of E and F. By default (``projection_init:
+window``) E and F start as mean pooling: slot s averages the s-th of k equal windows of the n
+positions, then trains on. An input of L_real real tokens then uses only the ceil(L_real k / n)
+slots whose windows it reaches (``short_input_scaling: window``); the others are masked out of
+attention, and the slots it keeps see the same positions they saw at length n, so a short input is
+read as the prefix of a long one, as full attention reads it. With the paper's dense N(0, 1/n) init
+(``projection_init: normal``) every slot mixes every position; a short input keeps all k slots and
+rescales them by sqrt(n / L_real), n / L_real or not at all (``short_input_scaling``). Either way
+L_real counts the real (unpadded) tokens of each sequence, so the result does not depend on how
+much padding a batch carries. Longer inputs are refused with both lengths in the message.
+
+Why windows: from a dense random init, each slot is a random-signed mix of all tokens, so attention
+starts unable to single out a token or to average the input; on short texts (SST-2 sentences at
+n=256) a model learns much more slowly than with full attention, and a model pretrained on full
+n-token blocks meets, at L << n, slots that each lost most of their inputs (docs/QUALITY.md).
 
 Per-layer k with layerwise sharing: one (k_max, n) matrix serves every layer; layer l uses its
 first k_l rows. Nothing falls back silently.
@@ -45,21 +56,36 @@ def check_length(length: int, max_seq_len: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def window_starts(k: int, n: int) -> torch.Tensor:
+    """First position of each of k windows that split n positions as evenly as integers allow."""
+    return (torch.arange(k) * n) // k                           # (k,)
+
+
+def slots_reached(lengths: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """How many of k windows over n positions an input of ``lengths`` tokens reaches: window s
+    starts at floor(s n / k), which is < L exactly when s < L k / n."""
+    return torch.div(lengths * k + n - 1, n, rounding_mode="floor")
+
+
 class LinearProjection(nn.Module):
     """Learned E (or F): a (k, n) matrix, or (H, k, n) with one per head; no bias (ZeRO needs every
     parameter to get a gradient, and the paper's E has none).
 
-    Init: N(0, 1/n). E·K sums over n tokens, so std 1/sqrt(n) keeps a slot at the scale of one
-    token at any n (1/sqrt(k) would grow it by sqrt(n/k): ~3x at n=8192).
+    Init ``window`` (default): row s is 1/|w_s| on window w_s = [floor(s n/k), floor((s+1) n/k))
+    and 0 elsewhere, so at init the projection is mean pooling (``projection: mean``) and a slot
+    averages its own tokens, at any n. Init ``normal``: N(0, 1/n); E·K sums over n tokens, so std
+    1/sqrt(n) keeps a slot at the scale of one token at any n (1/sqrt(k) would grow it by
+    sqrt(n/k): ~3x at n=8192).
     """
 
     def __init__(self, k: int, max_seq_len: int, num_heads: Optional[int] = None,
-                 short_input_scaling: str = "sqrt"):
+                 short_input_scaling: str = "window", init: str = "window"):
         super().__init__()
         shape = (k, max_seq_len) if num_heads is None else (num_heads, k, max_seq_len)
         self.weight = nn.Parameter(torch.empty(shape))
         self.max_seq_len = max_seq_len
         self.short_input_scaling = short_input_scaling
+        self.init = init
         self.init_weights()
 
     @property
@@ -67,20 +93,35 @@ class LinearProjection(nn.Module):
         return self.weight.shape[-2]
 
     def init_weights(self) -> None:
-        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.max_seq_len))
+        if self.init == "normal":
+            nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.max_seq_len))
+            return
+        k, n = self.k, self.max_seq_len
+        slot = torch.div(torch.arange(n) * k, n, rounding_mode="floor")  # (n,) window of each position
+        rows = (slot[None, :] == torch.arange(k)[:, None]).float()        # (k, n) one-hot windows
+        with torch.no_grad():
+            self.weight.copy_((rows / rows.sum(-1, keepdim=True)).expand_as(self.weight))
 
     def forward(self, x: torch.Tensor, k_used: int, lengths: Optional[torch.Tensor]
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         L = x.shape[-2]
+        slot_mask = None
+        if self.short_input_scaling == "window":
+            n = self.max_seq_len
+            rows = min(k_used, -(-L * k_used // n))              # slots the (padded) batch reaches
+            if lengths is not None:                              # fewer for shorter sequences
+                reached = slots_reached(lengths.clamp(min=1), k_used, n)  # (B,)
+                slot_mask = (torch.arange(rows, device=x.device) < reached[:, None])[:, None, None, :]
+            k_used = rows                                        # (B, 1, 1, S), True = attend
         w = self.weight[..., :k_used, :L].to(x.dtype)          # (k, L) or (H, k, L)
         y = _project_shared(w, x) if w.dim() == 2 else torch.matmul(w, x)  # (B, H, k, Dh)
         scale = self._scale(L, lengths, x)
         if scale is not None:
             y = y * scale
-        return y, None  # every slot mixes all real tokens: no slot is empty
+        return y, slot_mask  # dense rows: every slot mixes all real tokens, none is empty
 
     def _scale(self, L: int, lengths: Optional[torch.Tensor], x: torch.Tensor):
-        if self.short_input_scaling == "none":
+        if self.short_input_scaling in ("none", "window"):
             return None
         n = self.max_seq_len
         if lengths is None:
@@ -168,9 +209,10 @@ def _window_counts(mask: Optional[torch.Tensor], B: int, L: int, w: int, slots: 
 
 
 def build_projection(kind: str, k: int, max_seq_len: int, num_heads: int, head_dim: int,
-                     per_head: bool, short_input_scaling: str) -> nn.Module:
+                     per_head: bool, short_input_scaling: str, init: str = "window") -> nn.Module:
     if kind == "linear":
-        return LinearProjection(k, max_seq_len, num_heads if per_head else None, short_input_scaling)
+        return LinearProjection(k, max_seq_len, num_heads if per_head else None, short_input_scaling,
+                                init)
     if kind == "mean":
         return MeanPoolProjection(max_seq_len)
     if kind == "conv":
@@ -245,7 +287,7 @@ class LinformerSelfAttention(_SelfAttention):
 
     def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float, *,
                  k: int, max_seq_len: int, projection: str, sharing: str,
-                 short_input_scaling: str):
+                 short_input_scaling: str, projection_init: str = "window"):
         super().__init__(hidden_size, num_heads, attention_dropout)
         self.k = k
         self.max_seq_len = max_seq_len
@@ -254,7 +296,7 @@ class LinformerSelfAttention(_SelfAttention):
         def make():
             return build_projection(projection, k, max_seq_len, num_heads, self.head_dim,
                                     per_head=(sharing == "none"),
-                                    short_input_scaling=short_input_scaling)
+                                    short_input_scaling=short_input_scaling, init=projection_init)
 
         self.proj_k = make() if sharing != "layerwise" else None
         self.proj_v = make() if sharing in ("none", "headwise") else None

@@ -33,7 +33,7 @@ def build_attention(cfg: ModelConfig, k: int) -> nn.Module:
     return LinformerSelfAttention(
         cfg.hidden_size, cfg.num_heads, cfg.attention_dropout, k=k, max_seq_len=cfg.max_seq_len,
         projection=cfg.projection, sharing=cfg.sharing,
-        short_input_scaling=cfg.short_input_scaling,
+        short_input_scaling=cfg.short_input_scaling, projection_init=cfg.projection_init,
     )
 
 
@@ -79,7 +79,7 @@ class LinformerEncoder(nn.Module):
             head_dim = cfg.hidden_size // cfg.num_heads
             self.shared_projection = build_projection(
                 cfg.projection, max(self.k_schedule), cfg.max_seq_len, cfg.num_heads, head_dim,
-                per_head=False, short_input_scaling=cfg.short_input_scaling)
+                per_head=False, short_input_scaling=cfg.short_input_scaling, init=cfg.projection_init)
         self.layers = nn.ModuleList(Block(cfg, k) for k in self.k_schedule)
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm == "pre" else None
         self.activation_checkpointing = False
@@ -163,7 +163,7 @@ class LinformerForSequenceClassification(nn.Module):
 
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     """Normal(0, init_std) for dense and embedding weights, zero biases, unit LayerNorms; the
-    sequence projections keep their own 1/sqrt(n) init (see LinearProjection)."""
+    sequence projections keep their own init (windows or N(0, 1/n): see LinearProjection)."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=cfg.init_std)
