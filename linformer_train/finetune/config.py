@@ -9,6 +9,7 @@ through the same ``build_ds_config``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,7 +27,14 @@ class FinetuneModelConfig:
     """Which model to start from and how inputs are cut."""
 
     pretrained: str = ""
-    """A model directory (tools/convert.py export / resize / warm-start), MLM or classifier."""
+    """A model directory (tools/convert.py export / resize / warm-start), MLM or classifier; or
+    none: every weight from a random init (the baseline a pretrained model must beat), with the
+    encoder's shape in model.random_init and its tokenizer in model.tokenizer."""
+    random_init: dict = field(default_factory=dict)
+    """With pretrained=none: the encoder's model section, as in a pretraining YAML (preset or
+    sizes, max_seq_len, attention, k, sharing, ...); vocab_size defaults to the tokenizer's."""
+    tokenizer: Optional[str] = None
+    """With pretrained=none: the tokenizer (a tokenizer.model, or the directory holding it)."""
     max_length: Optional[int] = None
     """Tokens per input, specials included; defaults to the model's n (max_seq_len)."""
     padding: str = "longest"
@@ -172,7 +180,17 @@ def validate(cfg: FinetuneConfig) -> None:
         _check(value in allowed, f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
     check_finite(cfg)
     m, t, o, tr = cfg.model, cfg.task, cfg.optim, cfg.train
-    _check(bool(m.pretrained), "model.pretrained is empty; name a model directory (tools/convert.py export)")
+    _check(bool(m.pretrained), "model.pretrained is empty; name a model directory (tools/convert.py export), "
+                               "or none for a random init")
+    if m.pretrained == RANDOM_INIT:
+        _check(bool(m.tokenizer), "model.pretrained=none needs model.tokenizer (a tokenizer.model or its "
+                                  "directory) to encode the texts")
+        random_init_config(m)
+    else:
+        _check(not m.random_init, f"model.random_init applies only with model.pretrained=none; the model "
+                                  f"at {m.pretrained} has its own shape (drop model.random_init)")
+        _check(m.tokenizer is None, f"model.tokenizer applies only with model.pretrained=none; the model "
+                                    f"at {m.pretrained} carries its own tokenizer (drop model.tokenizer)")
     if m.max_length is not None:
         _check(m.max_length >= 8, f"model.max_length={m.max_length} must be at least 8")
     for name in ("dropout", "attention_dropout"):
@@ -214,6 +232,24 @@ def validate(cfg: FinetuneConfig) -> None:
     _check(bool(tr.output_dir), "train.output_dir is empty; name a directory for results")
     validate_precision(cfg.precision)
     _check(cfg.logging.log_every > 0, f"logging.log_every={cfg.logging.log_every} must be positive")
+
+
+RANDOM_INIT = "none"
+
+
+def random_init_config(m: FinetuneModelConfig, vocab_size: Optional[int] = None):
+    """The validated ModelConfig of a random-init encoder (model.pretrained=none); ``vocab_size``
+    (the tokenizer's) fills in when model.random_init does not name one."""
+    from linformer_train.config import config_from_dict
+
+    raw = dict(m.random_init)
+    if vocab_size is not None:
+        raw.setdefault("vocab_size", vocab_size)
+    try:
+        return config_from_dict({"model": raw}).model
+    except ConfigError as exc:  # name the keys as the user wrote them: model.random_init.k
+        message = re.sub(r"\bmodel\.(?=[a-z_])", "model.random_init.", str(exc).removeprefix("config: "))
+        raise ConfigError(message) from None
 
 
 def ds_view(cfg: FinetuneConfig) -> Config:

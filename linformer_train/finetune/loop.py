@@ -2,7 +2,8 @@
 by the same ``build_ds_config``, AdamW groups and LR schedule (``train.trainer``), one
 ``MetricsLogger`` (console + TensorBoard).
 
-Per seed: load the pretrained directory as a classifier (fresh head), train ``epochs`` epochs with
+Per seed: load the pretrained directory as a classifier (fresh head), or build one from a random
+init (``model.pretrained=none``, seeded by the run's seed: the baseline), train ``epochs`` epochs with
 linear warmup over ``warmup_ratio`` of the steps then decay, evaluate after every epoch (and every
 ``eval_every`` steps), and keep the best model by ``task.metric`` as a model directory
 (``seed_<s>/best``, fp32 master weights gathered from any ZeRO stage) that ``predict`` and
@@ -21,7 +22,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -30,11 +31,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from linformer_train.config import ConfigError
+from linformer_train.config import ConfigError, ModelConfig
 from linformer_train.convert.model_dir import (build_model, from_pretrained, load_model_info,
                                                read_model_config, save_pretrained, tokenizer_file)
 from linformer_train.data import DataError
-from linformer_train.finetune.config import FinetuneConfig, ds_view, to_dict
+from linformer_train.finetune.config import (RANDOM_INIT, FinetuneConfig, ds_view, random_init_config,
+                                             to_dict)
 from linformer_train.finetune.data import Encoded, encode, eval_batches, steps_per_epoch, train_batches
 from linformer_train.finetune.metrics import classification_metrics, mean_std
 from linformer_train.finetune.tasks import (ResolvedTask, build_label_list, label_ids, load_split,
@@ -54,8 +56,11 @@ class PreparedTask:
     train: Encoded
     eval: Encoded
     max_length: int
-    pretrained: Path
+    pretrained: Optional[Path]
+    """The model directory fine-tuning starts from; None for a random init."""
     model_info: dict
+    model_cfg: ModelConfig
+    tokenizer_path: Path
 
 
 def prepare_task(cfg: FinetuneConfig) -> PreparedTask:
@@ -63,14 +68,26 @@ def prepare_task(cfg: FinetuneConfig) -> PreparedTask:
     the same error on bad input and none waits at a barrier)."""
     from linformer_train.data.tokenizer import load_tokenizer
 
-    pretrained = Path(cfg.model.pretrained)
-    info = load_model_info(pretrained)
-    model_cfg = read_model_config(pretrained)
+    if cfg.model.pretrained == RANDOM_INIT:
+        pretrained = None
+        tokenizer = load_tokenizer(cfg.model.tokenizer)
+        tokenizer_path = tokenizer.path
+        model_cfg = random_init_config(cfg.model, tokenizer.vocab_size)
+        info = {"architecture": "mlm", "source": {"kind": "random-init"}}
+        where = "model.random_init"
+    else:
+        pretrained = Path(cfg.model.pretrained)
+        info = load_model_info(pretrained)
+        model_cfg = read_model_config(pretrained)
+        tokenizer_path = tokenizer_file(pretrained)
+        tokenizer = load_tokenizer(tokenizer_path)
+        where = str(pretrained)
     n = model_cfg.max_seq_len
     max_length = cfg.model.max_length or n
     if max_length > n:
-        raise ConfigError(f"model.max_length={max_length} exceeds the model's n={n}; resize the model "
-                          f"first (tools/convert.py resize {pretrained} OUT model.max_seq_len={max_length})")
+        fix = (f"set model.random_init.max_seq_len={max_length}" if pretrained is None else
+               f"resize the model first (tools/convert.py resize {pretrained} OUT model.max_seq_len={max_length})")
+        raise ConfigError(f"model.max_length={max_length} exceeds the model's n={n}; {fix}")
     task = resolve_task(cfg.task)
     train = load_split(cfg.task, task, "train")
     evaluation = load_split(cfg.task, task, "eval")
@@ -78,13 +95,15 @@ def prepare_task(cfg: FinetuneConfig) -> PreparedTask:
     if info["architecture"] == "classification" and info.get("labels") != labels:
         raise DataError(f"{pretrained} is a classifier for labels {info.get('labels')} but this task has "
                         f"{labels}; fine-tune from the pretrained MLM directory instead")
-    tokenizer = load_tokenizer(tokenizer_file(pretrained))
     if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise DataError(f"{pretrained}/tokenizer.model has {tokenizer.vocab_size} pieces but the model "
-                        f"has {model_cfg.vocab_size} rows; the directory is inconsistent, export it again")
+        fix = ("raise model.random_init.vocab_size or leave it unset" if pretrained is None
+               else "the directory is inconsistent, export it again")
+        raise DataError(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but {where} has "
+                        f"{model_cfg.vocab_size} embedding rows; {fix}")
     train_enc = encode(tokenizer, train, max_length, label_ids(train, labels))
     eval_enc = encode(tokenizer, evaluation, max_length, label_ids(evaluation, labels))
-    return PreparedTask(task, labels, train_enc, eval_enc, max_length, pretrained, info)
+    return PreparedTask(task, labels, train_enc, eval_enc, max_length, pretrained, info, model_cfg,
+                        tokenizer_path)
 
 
 def _set_seed(seed: int) -> None:
@@ -156,8 +175,12 @@ class SeedRun:
         _set_seed(seed)  # the classifier head's init and dropout
         overrides = {k: v for k, v in (("dropout", cfg.model.dropout),
                                        ("attention_dropout", cfg.model.attention_dropout)) if v is not None}
-        model = from_pretrained(prep.pretrained, "classification", num_labels=len(prep.labels),
-                                model_overrides=overrides).train()
+        if prep.pretrained is None:  # every weight from this seed's random init
+            model = build_model(replace(prep.model_cfg, num_labels=len(prep.labels), **overrides),
+                                "classification").train()
+        else:
+            model = from_pretrained(prep.pretrained, "classification", num_labels=len(prep.labels),
+                                    model_overrides=overrides).train()
         self.model_cfg = model.cfg
         if cfg.model.activation_checkpointing:
             apply_activation_checkpointing(model)
@@ -288,10 +311,11 @@ class SeedRun:
             model.load_state_dict(state, strict=True)
             task = {**self.prep.task.describe(), "max_length": self.prep.max_length,
                     "metric": self.cfg.task.metric}
-            source = {"kind": "finetune", "from": str(self.prep.pretrained.resolve()), "seed": self.seed,
+            start = "random init" if self.prep.pretrained is None else str(self.prep.pretrained.resolve())
+            source = {"kind": "finetune", "from": start, "seed": self.seed,
                       "epoch": self.best["epoch"], "step": self.step,
                       "eval": {k: self.best[k] for k in METRICS}}
-            save_pretrained(model, self.out_dir / "best", tokenizer=tokenizer_file(self.prep.pretrained),
+            save_pretrained(model, self.out_dir / "best", tokenizer=self.prep.tokenizer_path,
                             labels=self.prep.labels, task=task, source=source, overwrite=True)
         dist.barrier()
 
@@ -321,7 +345,8 @@ def run_finetune(cfg: FinetuneConfig, prep: Optional[PreparedTask] = None) -> di
     metric = cfg.task.metric
     best_run = max(runs, key=lambda r: r["best"][metric])
     summary = {
-        "task": prep.task.describe(), "pretrained": str(prep.pretrained), "labels": prep.labels,
+        "task": prep.task.describe(), "pretrained": str(prep.pretrained or RANDOM_INIT),
+        "labels": prep.labels,
         "num_train": len(prep.train), "num_eval": len(prep.eval), "max_length": prep.max_length,
         "truncated_train": prep.train.truncated, "truncated_eval": prep.eval.truncated,
         "metric": metric, "seeds": list(cfg.train.seeds),
