@@ -150,3 +150,26 @@ def test_an_in_process_case_that_blocks_is_reported_as_a_hang():
     assert call(blocks, [], hang_s=1.5).code == "hang"
     assert time.monotonic() - t0 < 1.5 + 3 * proc.CHECK_EVERY_S
     assert call(prints_slowly, [], hang_s=1.0).code == 0
+
+
+def test_workers_started_elsewhere_are_watched_too():
+    """wait_for_processes (the loader test's multiprocessing ranks): a silent hang kills them; a
+    worker that ends before the awaited state fails the wait, after a grace period (a process whose
+    main thread exited shows as a zombie a moment before it can be waited for)."""
+    import subprocess
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    quitter = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        with pytest.raises(proc.Hang, match="waiting for the result: no output"):
+            proc.wait_for_processes(lambda: False, "the result", lambda: [sleeper.pid], hang_s=1.0)
+        assert sleeper.wait(timeout=30) == -signal.SIGTERM
+        t0 = time.monotonic()
+        with pytest.raises(AssertionError, match="the processes ended before the result"):
+            proc.wait_for_processes(lambda: False, "the result",
+                                    lambda: [quitter.pid] if quitter.poll() is None else [])
+        assert time.monotonic() - t0 >= proc.GRACE_S
+        proc.wait_for_processes(lambda: quitter.poll() is not None, "the exit", lambda: [quitter.pid])
+    finally:
+        proc.kill_trees([sleeper.pid, quitter.pid])
+        sleeper.wait(), quitter.wait()
