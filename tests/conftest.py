@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,13 @@ import pytest
 from helpers import proc
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """A SIGTERM to the test run (a cancelled CI job, a kill) unwinds it like Ctrl-C, so every
+    test's cleanup runs and kills the processes it started (they live in sessions of their own and
+    would not get the signal)."""
+    signal.signal(signal.SIGTERM, proc.interrupt_on_sigterm)
 
 # A small, fast model and corpus; every training test starts from these overrides.
 TINY = [

@@ -173,3 +173,14 @@ def test_workers_started_elsewhere_are_watched_too():
     finally:
         proc.kill_trees([sleeper.pid, quitter.pid])
         sleeper.wait(), quitter.wait()
+
+
+def test_a_sigterm_to_the_test_run_unwinds_like_ctrl_c():
+    """So the cleanup of the running test (and atexit) kills its children, which live in sessions
+    of their own and would not get the signal."""
+    import os
+
+    assert signal.getsignal(signal.SIGTERM) is proc.interrupt_on_sigterm
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)

@@ -156,6 +156,11 @@ def _tail(text: str) -> str:
     return text if len(text) <= TAIL_CHARS else "..." + text[-TAIL_CHARS:]
 
 
+def interrupt_on_sigterm(signum, frame):
+    """A SIGTERM handler that unwinds like Ctrl-C (the test run's own, see tests/conftest.py)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 _live: "weakref.WeakSet[Child]" = weakref.WeakSet()
 
 
