@@ -107,8 +107,9 @@ class DataConfig:
     max_documents: Optional[int] = None
     """Stop after this many documents (quick experiments on big sources)."""
     tokenizer: Optional[str] = None
-    """A sentencepiece .model file or a directory holding tokenizer.model; trained on the source if
-    unset or missing."""
+    """A sentencepiece .model file or a directory holding tokenizer.model (trained on the source if
+    unset or missing), or a Hugging Face tokenizer.json or a directory holding one (a model
+    directory warm-started from RoBERTa/BERT keeps its own; never trained here)."""
     tokenizer_type: str = "unigram"
     """unigram | bpe (when training one)."""
     tokenizer_vocab_size: Optional[int] = None

@@ -888,7 +888,7 @@ def _text_samples(sources: Sequence[str], seq_len: int, count: int, tokenizer_pa
                   seed: int, max_tokens: int):
     from linformer_train.config import DataConfig
     from linformer_train.data.corpus import build_source
-    from linformer_train.data.tokenizer import BOS_ID, EOS_ID, load_tokenizer
+    from linformer_train.data.tokenizer import load_tokenizer
 
     if tokenizer_path is None:
         raise SpectrumError("text data needs a tokenizer and the model has none; pass --tokenizer "
@@ -913,7 +913,8 @@ def _text_samples(sources: Sequence[str], seq_len: int, count: int, tokenizer_pa
                     return
         yield from tok.encode(batch) if batch else ()
 
-    samples = reservoir(packed_blocks(token_lists(), seq_len, BOS_ID, EOS_ID), count, seed)
+    samples = reservoir(packed_blocks(token_lists(), seq_len, tok.special_ids["bos"], tok.special_ids["eos"]),
+                        count, seed)
     if not samples:
         raise SpectrumError(f"{source.description} holds fewer than {seq_len} tokens; give more text "
                             f"or a smaller -n")

@@ -299,7 +299,7 @@ def tool_cases(tmp: Path) -> dict[str, list[tuple[list[str], list[str]]]]:
                     (["resize", nope, str(tmp / "o"), "model.max_seq_len=128"], [nope]),
                     (["resize", "a", "b", "model.foo=1"], ["model.foo"]), (["resize", "a", "b", "--seed", "x"], ["--seed"]),
                     (["resize", "a", "b", "model.max_seq_len"], ["model.max_seq_len"]),
-                    (["warm-start", nope, str(tmp / "o")], ["--tokenizer"]),
+                    (["warm-start", nope, str(tmp / "o")], [nope]),
                     (["warm-start", nope, str(tmp / "o"), "--tokenizer", nope], [nope]),
                     (["warm-start", "a", "b", "--tokenizer", "t", "--min-vocab-coverage", "x"], ["--min-vocab-coverage"]),
                     (["warm-start", "a", "b", "--tokenizer", "t", "model.hidden_size=8"], ["model.hidden_size"]),

@@ -35,8 +35,9 @@ def main(argv: Sequence[str]) -> int:
                         help="config file (repeatable; later files override earlier ones)")
     parser.add_argument("--out", metavar="DIR", help="data.prepared_dir (default <train.run_dir>/data)")
     parser.add_argument("--seq-len", type=int, metavar="N", help="model.max_seq_len: tokens per block")
-    parser.add_argument("--tokenizer", metavar="PATH", help="data.tokenizer: an existing .model or its "
-                        "directory (trained here when unset)")
+    parser.add_argument("--tokenizer", metavar="PATH", help="data.tokenizer: an existing .model, a Hugging "
+                        "Face tokenizer.json, or a directory holding one, such as a warm-started model "
+                        "(a sentencepiece model is trained here when unset)")
     parser.add_argument("--num-proc", type=int, metavar="P", help="data.num_proc: tokenizing processes")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a set prepared from other inputs instead of refusing")

@@ -16,8 +16,8 @@ commands:
       a DeepSpeed checkpoint (a step, checkpoints or run folder) -> model dir
   resize MODEL OUT model.max_seq_len=N [model.k=K]
       the same model at another n and k
-  warm-start HF_DIR OUT --tokenizer TOK [model.key=value ...]
-      a local RoBERTa/BERT directory -> Linformer model directory
+  warm-start HF_DIR OUT [--tokenizer TOK] [model.key=value ...]
+      a local RoBERTa/BERT directory -> Linformer model directory (keeps its own tokenizer)
   inspect MODEL
       what a model directory holds
 
@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="A local RoBERTa/BERT directory -> a Linformer model directory.")
     p.add_argument("hf_dir", help="a Hugging Face model directory (config.json and weights)")
     p.add_argument("out", help="the model directory to write")
-    p.add_argument("--tokenizer", required=True, help="this project's tokenizer.model (or its directory)")
+    p.add_argument("--tokenizer", help="re-tokenize with this sentencepiece tokenizer.model (or its directory), "
+                                       "re-mapping the embedding rows onto its pieces (default: keep the model's "
+                                       "own tokenizer.json and ids)")
     p.add_argument("overrides", nargs="*", metavar="model.key=value",
                    help="Linformer settings: model.attention, model.max_seq_len, model.k, model.sharing ...")
     p.add_argument("--positions", choices=("copy", "interpolate"), default="copy",
@@ -131,8 +133,11 @@ def convert(argv: Sequence[str]) -> int:
         out = resize_model_dir(args.model, args.out, ov["max_seq_len"], ov.get("k"), args.positions,
                                args.projection_scaling, args.dtype, args.overwrite, args.seed)
     elif args.command == "warm-start":
-        from linformer_train.convert.hf import USER_FIELDS, warm_start
+        from linformer_train.convert.hf import USER_FIELDS, linformer_note, warm_start
 
+        overrides = _model_overrides(args.overrides, USER_FIELDS, " (it comes from the Hugging Face model)")
+        if overrides.get("attention", "linformer") == "linformer":
+            print(linformer_note(args.out), flush=True)
         out = warm_start(args.hf_dir, args.out, args.tokenizer,
                          _model_overrides(args.overrides, USER_FIELDS, " (it comes from the Hugging Face model)"),
                          args.positions,

@@ -26,10 +26,15 @@ n_hf = max_position_embeddings - padding_idx - 1 (512 for roberta-base). A longe
 table (``positions="copy"`` by default: Longformer's finding for RoBERTa, which keeps neighbouring
 positions as distinct as they were; ``"interpolate"`` also works). With ``attention: full`` the
 converted model computes what the HF model computes; with ``attention: linformer`` the E/F
-projections start at their N(0, 1/n) init and the model trains on from there.
+projections start untrained (mean pooling over windows by default) and the model needs continued
+pretraining before it computes anything like what the source computed.
 
-Vocabulary: the Linformer uses this project's sentencepiece tokenizer (ids 0-4 are <pad> <s> </s>
-<unk> <mask>), so every piece is looked up in the HF vocabulary by its text: ``▁`` becomes a
+Vocabulary: by default the Linformer keeps the source model's own tokenizer (its ``tokenizer.json``
+with ``tokenizer_config.json`` / ``special_tokens_map.json``: WordPiece, BPE or Unigram), copied
+into the model directory; every embedding row keeps its id and data preparation, pretraining,
+fine-tuning and prediction read the special ids from it. Re-tokenizing with a sentencepiece model
+(``tokenizer=``, ids 0-4 are <pad> <s> </s> <unk> <mask>) loses what the model knew about its own
+pieces (docs/QUALITY.md); there every piece is looked up in the HF vocabulary by its text: ``▁`` becomes a
 leading space and byte-level BPE's byte alphabet (``Ġ``) for RoBERTa, a word start / ``##``
 continuation for WordPiece, the same piece for a sentencepiece (Unigram) vocabulary; byte pieces
 ``<0xNN>`` map to their byte (WordPiece has no byte alphabet: a printable ASCII byte maps to its
@@ -302,11 +307,36 @@ def _take(state: dict, key: str, used: set) -> torch.Tensor:
     return state[key]
 
 
-def warm_start(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: str | os.PathLike,
+def linformer_note(out_dir) -> str:
+    """What a warm start into Linformer attention leaves to do (printed by the CLI at the start)."""
+    return (f"note: attention=linformer: the source model has no E/F projections, so they start untrained "
+            f"(mean pooling over windows) and {out_dir} does not yet compute what the source computed; "
+            f"continue pretraining it (train.init_from={out_dir}) before fine-tuning: docs/QUALITY.md "
+            f"(warm start) measured how much that takes")
+
+
+def own_tokenizer(hf_dir: Path):
+    """The source model's own tokenizer (its tokenizer.json), ids unchanged."""
+    from linformer_train.data.tokenizer import HF_FILE, HFTokenizer
+
+    path = hf_dir / HF_FILE
+    if not path.is_file():
+        raise ConversionError(
+            f"{hf_dir} has no {HF_FILE} (the fast-tokenizer file that carries the model's own vocabulary); "
+            f"write one with transformers (AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)), or "
+            f"re-tokenize with --tokenizer TOK (a sentencepiece model; the study in docs/QUALITY.md lost "
+            f"accuracy that way)")
+    return HFTokenizer(path)
+
+
+def warm_start(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: Optional[str | os.PathLike] = None,
                model_overrides: Optional[dict] = None, positions: str = "copy",
                min_vocab_coverage: float = 1.0, init_missing_head: bool = False,
                dtype: str = "fp32", overwrite: bool = False, seed: int = 0) -> Path:
-    """Convert a local HF RoBERTa/BERT directory into a Linformer MLM model directory."""
+    """Convert a local HF RoBERTa/BERT directory into a Linformer MLM model directory. Without
+    ``tokenizer`` the model keeps its own (tokenizer.json and the files naming its special
+    tokens) and every embedding row keeps its id; a sentencepiece ``tokenizer`` re-maps the rows
+    onto its pieces instead (see the module docstring)."""
     hf_dir = Path(hf_dir)
     check_output_dir(out_dir, overwrite)
     if positions not in POSITION_METHODS:
@@ -322,8 +352,22 @@ def warm_start(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer:
     family = FAMILIES[hf["model_type"]]
     offset = int(hf.get("pad_token_id", 1)) + 1 if family["prefix"] == "roberta." else 0
     n_hf = int(hf["max_position_embeddings"]) - offset
-    tok = check_tokenizer(tokenizer, 1 << 31)
-    vmap = build_vocab_map(hf_dir, tok)
+    if tokenizer is None:
+        tok = own_tokenizer(hf_dir)
+    else:
+        tok = check_tokenizer(tokenizer, 1 << 31)
+        if tok.kind == "hf" and tok.sha256 != own_tokenizer(hf_dir).sha256:
+            raise ConversionError(f"--tokenizer {tok.path} is a Hugging Face tokenizer other than {hf_dir}'s own; "
+                                  f"omit --tokenizer to keep the model's own, or give a sentencepiece model "
+                                  f"to re-map the rows onto")
+    if tok.kind == "hf":  # the model's own vocabulary: every row keeps its id
+        if tok.vocab_size > int(hf["vocab_size"]):
+            raise ConversionError(f"{tok.path} has {tok.vocab_size} tokens but {hf_dir} has "
+                                  f"{hf['vocab_size']} embedding rows; the tokenizer does not belong to it")
+        vmap = {"ids": list(range(int(hf["vocab_size"]))), "fallback": {}, "matched": tok.vocab_size,
+                "total": tok.vocab_size, "missing": [], "style": "own", "as_unk": 0}
+    else:
+        vmap = build_vocab_map(hf_dir, tok)
     coverage = vmap["matched"] / max(1, vmap["total"])
     if coverage < min_vocab_coverage:
         raise ConversionError(
@@ -334,13 +378,13 @@ def warm_start(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer:
             f"start as the mean of their characters' rows)")
 
     raw = {
-        "vocab_size": tok.vocab_size, "hidden_size": hf["hidden_size"],
+        "vocab_size": len(vmap["ids"]), "hidden_size": hf["hidden_size"],
         "num_layers": hf["num_hidden_layers"], "num_heads": hf["num_attention_heads"],
         "ffn_size": hf["intermediate_size"], "max_seq_len": n_hf, "norm": "post",
         "layer_norm_eps": hf.get("layer_norm_eps", 1e-12),
         "dropout": hf.get("hidden_dropout_prob", 0.1),
         "attention_dropout": hf.get("attention_probs_dropout_prob", 0.1),
-        "pad_token_id": 0, "init_std": hf.get("initializer_range", 0.02),
+        "pad_token_id": tok.special_ids["pad"], "init_std": hf.get("initializer_range", 0.02),
         **overrides,
     }
     if "k" not in overrides:  # the paper's n=512 -> k=128 ratio, whatever n is
@@ -440,7 +484,7 @@ def warm_start(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer:
     source = {"kind": "hf-warm-start", "from": str(hf_dir.resolve()), "model_type": hf["model_type"],
               "hf_max_positions": n_hf, "position_offset": offset, "positions": positions,
               "vocab_style": vmap["style"], "vocab_matched": vmap["matched"], "vocab_total": vmap["total"],
-              "vocab_as_unk": vmap["as_unk"],
+              "vocab_as_unk": vmap["as_unk"], "tokenizer": "own" if tok.kind == "hf" else "re-mapped",
               "segment_embeddings": "row 0 folded into positions",
               "initialised": [k for k in ours if "proj" in k] + ([] if head_present else ["MLM head"])}
     return save_pretrained(model, out_dir, tokenizer=tok.path, dtype=dtype, source=source,

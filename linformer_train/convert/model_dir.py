@@ -5,7 +5,9 @@ Layout::
     model.safetensors   every tensor of the model's state dict, each stored once (fp32 or bf16)
     config.yaml         ``model:`` section (loads with load_config; usable as ``base:`` of a run YAML)
     model_info.json     format marker, architecture (mlm | classification), labels, task, provenance
-    tokenizer.model     the sentencepiece model (+ tokenizer.json, its special ids and settings)
+    tokenizer.model     the sentencepiece model (+ tokenizer.json, its special ids and settings), or
+    tokenizer.json      a Hugging Face tokenizer (+ tokenizer_config.json, special_tokens_map.json),
+                        e.g. the source model's own after a warm start
 
 Sharing is structural in this model, so nothing is stored twice: a layerwise-shared projection is
 one parameter (``encoder.shared_projection.weight``) that every layer reads, and the MLM decoder
@@ -158,8 +160,9 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
 
 
 def _tokenizer_source(tokenizer: str | os.PathLike) -> Path:
-    path = Path(tokenizer).expanduser()
-    return path if path.suffix == ".model" else path / TOKENIZER_FILE
+    from linformer_train.data.tokenizer import model_path
+
+    return model_path(tokenizer)
 
 
 def check_tokenizer(tokenizer: str | os.PathLike, vocab_size: int):
@@ -177,8 +180,9 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: 
                     dtype: str = "fp32", labels: Optional[Sequence[str]] = None,
                     task: Optional[dict] = None, source: Optional[dict] = None,
                     overwrite: bool = False) -> Path:
-    """Write ``model`` as a model directory (atomically). ``tokenizer``: a .model file or a
-    directory holding tokenizer.model (None only for tokenizer-free tests of the format)."""
+    """Write ``model`` as a model directory (atomically). ``tokenizer``: a .model file, a Hugging
+    Face tokenizer.json, or a directory holding either (None only for tokenizer-free tests of the
+    format)."""
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not supported; choose fp32 or bf16")
     from safetensors.torch import save_file
@@ -214,11 +218,14 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: 
 
         (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(model_section)))
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-        if tok is not None:
+        if tok is not None and tok.kind == "sentencepiece":
             shutil.copyfile(tok.path, tmp / TOKENIZER_FILE)
             meta = tok.path.with_suffix(".json")
             if meta.is_file():
                 shutil.copyfile(meta, tmp / TOKENIZER_META)
+        elif tok is not None:  # Hugging Face: tokenizer.json and the files naming its special tokens
+            for f in tok.files:
+                shutil.copyfile(f, tmp / (TOKENIZER_META if f == tok.path else f.name))
     return Path(out_dir)
 
 
@@ -322,12 +329,15 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def tokenizer_file(path: str | os.PathLike) -> Path:
-    """The tokenizer of a model directory."""
+    """The tokenizer of a model directory: tokenizer.model, or a Hugging Face tokenizer.json."""
+    from linformer_train.data.tokenizer import is_hf_tokenizer_file, sha256_file
+
     tok = Path(path) / TOKENIZER_FILE
+    if not tok.is_file() and is_hf_tokenizer_file(Path(path) / TOKENIZER_META):
+        tok = Path(path) / TOKENIZER_META
     if not tok.is_file():
-        raise ConversionError(f"model directory {path} has no {TOKENIZER_FILE}; export it again with "
-                              f"--tokenizer")
-    from linformer_train.data.tokenizer import sha256_file
+        raise ConversionError(f"model directory {path} has no {TOKENIZER_FILE} (nor a Hugging Face "
+                              f"{TOKENIZER_META}); export it again with --tokenizer")
 
     want = load_model_info(path).get("tokenizer_sha256")
     if want and sha256_file(tok) != want:  # another run's tokenizer: every id would mean another piece

@@ -309,7 +309,7 @@ def build_training_data(data: "DataConfig", model: "ModelConfig", train: "TrainC
                         run_dir: str | Path, rank: int = 0, world_size: int = 1) -> TrainingData:
     """Prepare (rank 0) or reuse the data, open it, check it against the model, build the loader."""
     from linformer_train.data.prepare import open_prepared
-    from linformer_train.data.tokenizer import PAD_ID, load_tokenizer
+    from linformer_train.data.tokenizer import load_tokenizer
 
     root = _prepare_on_rank0(data, model, Path(run_dir), rank, world_size)
     prepared = open_prepared(root, model.max_seq_len)
@@ -318,12 +318,14 @@ def build_training_data(data: "DataConfig", model: "ModelConfig", train: "TrainC
     if tokenizer.vocab_size > model.vocab_size:
         raise DataError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but model.vocab_size="
                         f"{model.vocab_size}; raise model.vocab_size to at least {tokenizer.vocab_size}")
-    if model.pad_token_id != PAD_ID:
-        raise DataError(f"model.pad_token_id={model.pad_token_id} but the tokenizer pads with id {PAD_ID}; "
-                        f"set model.pad_token_id={PAD_ID}")
+    pad = tokenizer.special_ids["pad"]
+    if model.pad_token_id != pad:
+        raise DataError(f"model.pad_token_id={model.pad_token_id} but the tokenizer pads with id {pad}; "
+                        f"set model.pad_token_id={pad}")
     masker = MLMMasker(data.mask_prob, data.mask_replace_prob, data.mask_random_prob,
                        tokenizer.vocab_size, tokenizer.special_ids,
-                       tokenizer.word_start if data.whole_word_masking else None, seed=train.seed)
+                       tokenizer.word_start if data.whole_word_masking else None, seed=train.seed,
+                       mask_id=tokenizer.special_ids["mask"])
     loader = MLMLoader(prepared.train, masker, train.micro_batch_size, rank, world_size, train.seed,
                        prefetch=data.prefetch_batches)
     return TrainingData(prepared, tokenizer, masker, loader, train.micro_batch_size, rank, world_size)

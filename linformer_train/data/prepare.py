@@ -194,8 +194,8 @@ def _unit_hash(index: np.ndarray, seed: int) -> np.ndarray:
 class _SplitWriter:
     """Appends ``<s>`` + (n-1) stream tokens per block to one .bin file; keeps the partial row."""
 
-    def __init__(self, path: Path, seq_len: int, dtype: np.dtype):
-        self.path, self.seq_len, self.dtype = path, seq_len, dtype
+    def __init__(self, path: Path, seq_len: int, dtype: np.dtype, bos_id: int = BOS_ID):
+        self.path, self.seq_len, self.dtype, self.bos_id = path, seq_len, dtype, bos_id
         self.file = open(path, "wb")
         self.carry = np.empty(0, dtype)
         self.blocks = 0
@@ -207,7 +207,7 @@ class _SplitWriter:
         k = len(buf) // row
         if k:
             blocks = np.empty((k, self.seq_len), self.dtype)
-            blocks[:, 0] = BOS_ID
+            blocks[:, 0] = self.bos_id
             blocks[:, 1:] = buf[: k * row].reshape(k, row)
             self.file.write(blocks.tobytes())
             self.blocks += k
@@ -221,11 +221,12 @@ class Packer:
     """Documents in, two .bin files of exactly-n blocks out (see the module docstring)."""
 
     def __init__(self, out_dir: Path, seq_len: int, dtype: np.dtype, validation_fraction: float,
-                 seed: int = SPLIT_SEED):
+                 seed: int = SPLIT_SEED, bos_id: int = BOS_ID, eos_id: int = EOS_ID):
+        self.eos_id = eos_id  # the tokenizer's own start/end tokens ([CLS]/[SEP] for a BERT tokenizer)
         if seq_len < 2:
             raise DataError(f"model.max_seq_len={seq_len} is too short: a block holds <s> and at least one token")
         self.seq_len, self.dtype, self.fraction, self.seed = seq_len, dtype, validation_fraction, seed
-        self.writers = {s: _SplitWriter(out_dir / f"{s}.bin.tmp", seq_len, dtype) for s in SPLITS}
+        self.writers = {s: _SplitWriter(out_dir / f"{s}.bin.tmp", seq_len, dtype, bos_id) for s in SPLITS}
         self.documents = 0
         self.empty_documents = 0
         self.tokens = 0  # document tokens, separators not included
@@ -243,7 +244,7 @@ class Packer:
                 continue
             picked = values[np.repeat(chosen, lengths)]
             ends = np.cumsum(lengths[chosen])
-            stream = np.insert(picked, ends, np.array(EOS_ID, self.dtype))  # doc </s> doc </s> ...
+            stream = np.insert(picked, ends, np.array(self.eos_id, self.dtype))  # doc </s> doc </s> ...
             self.writers[split].write(stream)
             self.writers[split].documents += int(chosen.sum())
 
@@ -298,22 +299,20 @@ class Packer:
 
 
 class _EncodeBatch:
-    """The function ``datasets.map`` runs in each worker; loads the model once per process."""
+    """The function ``datasets.map`` runs in each worker; loads the tokenizer once per process."""
 
     def __init__(self, model: str):
         self.model = model
-        self.sp = None
+        self.tok = None
 
     def __call__(self, batch: dict) -> dict:
-        if self.sp is None:
-            import sentencepiece as spm
-
-            self.sp = spm.SentencePieceProcessor(model_file=self.model)
+        if self.tok is None:
+            self.tok = load_tokenizer(self.model)
         texts = [t if isinstance(t, str) else "" for t in batch["text"]]
-        return {"ids": self.sp.Encode(texts, out_type=int)}
+        return {"ids": self.tok.encode(texts)}
 
     def __getstate__(self):
-        return {"model": self.model, "sp": None}
+        return {"model": self.model, "tok": None}
 
 
 def _document_chunks(source: Source, work: Path) -> Iterator["datasets.Dataset"]:
@@ -434,7 +433,8 @@ def _tokenize_and_pack(source: Source, tok: Tokenizer, cfg: "DataConfig", seq_le
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     timings: dict[str, float] = {}
-    packer = Packer(out_dir, seq_len, dtype, cfg.validation_fraction)
+    packer = Packer(out_dir, seq_len, dtype, cfg.validation_fraction, bos_id=tok.special_ids["bos"],
+                    eos_id=tok.special_ids["eos"])
     try:
         ds = source.as_dataset()
         if ds is not None:  # an HF dataset already on disk

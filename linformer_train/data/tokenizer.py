@@ -1,10 +1,18 @@
-"""SentencePiece tokenizer: train one with fixed special ids on any source, load it back and check it.
+"""Tokenizers: this project's sentencepiece models (trained here) and Hugging Face tokenizer files
+(``tokenizer.json``: WordPiece, BPE or Unigram, carried over from a warm-started model).
 
-Every tokenizer this project uses reserves ids 0-4 for ``<pad> <s> </s> <unk> <mask>``; ``<mask>`` is
-a control symbol, so the literal text "<mask>" in a corpus is never read as a mask. Byte fallback is
-always on: a character outside the vocabulary becomes its UTF-8 bytes, never ``<unk>``. Next to
-``tokenizer.model`` a small ``tokenizer.json`` records the special ids, the training settings and
-the model's sha256.
+A sentencepiece tokenizer trained here reserves ids 0-4 for ``<pad> <s> </s> <unk> <mask>``;
+``<mask>`` is a control symbol, so the literal text "<mask>" in a corpus is never read as a mask.
+Byte fallback is always on: a character outside the vocabulary becomes its UTF-8 bytes, never
+``<unk>``. Next to ``tokenizer.model`` a small ``tokenizer.json`` records the special ids, the
+training settings and the model's sha256.
+
+A Hugging Face tokenizer keeps its own ids: its special tokens are read from
+``tokenizer_config.json`` / ``special_tokens_map.json`` beside it (``cls_token`` or ``bos_token``
+starts a sequence, ``sep_token`` or ``eos_token`` ends one, ``pad_token``, ``mask_token``,
+``unk_token``), else found by their usual names ([CLS] / <s>, ...). Every consumer reads
+``special_ids`` from the tokenizer instead of assuming 0-4. A directory holding ``tokenizer.model``
+is sentencepiece; one holding only ``tokenizer.json`` (the Hugging Face format) is Hugging Face.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_PIECES = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>"}
 SPECIAL_IDS = {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID, "mask": MASK_ID}
 MODEL_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+"""Files beside a Hugging Face tokenizer.json that name its special tokens; copied with it."""
 MIN_VOCAB_SIZE = len(SPECIAL_IDS) + 256 + 1  # the specials, 256 byte pieces, at least one more
 MAX_SENTENCE_BYTES = 1 << 16
 WORD_START = "\u2581"  # sentencepiece's "▁": the piece begins a new word
@@ -44,9 +55,27 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def model_path(path: str | os.PathLike) -> Path:
-    """A tokenizer location (a .model file, or a directory holding tokenizer.model) -> the file."""
+    """A tokenizer location -> its file: a .model or .json file is itself; a directory gives its
+    tokenizer.model, else its Hugging Face tokenizer.json, else tokenizer.model (where one is trained)."""
     path = Path(path).expanduser()
-    return path if path.suffix == ".model" else path / MODEL_FILE
+    if path.suffix in (".model", ".json"):
+        return path
+    if not (path / MODEL_FILE).is_file() and is_hf_tokenizer_file(path / HF_FILE):
+        return path / HF_FILE
+    return path / MODEL_FILE
+
+
+def is_hf_tokenizer_file(path: Path) -> bool:
+    """A Hugging Face tokenizer.json (a pipeline with a "model" section), not a sentencepiece
+    model's record of the same name."""
+    if not path.is_file() or path.suffix != ".json" or path.with_suffix(".model").is_file():
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(1 << 16)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return '"model"' in head and ('"normalizer"' in head or '"pre_tokenizer"' in head or '"added_tokens"' in head)
 
 
 def meta_path(model: Path) -> Path:
@@ -61,6 +90,8 @@ def meta_path(model: Path) -> Path:
 
 class Tokenizer:
     """A loaded sentencepiece model with this project's special ids checked."""
+
+    kind = "sentencepiece"
 
     def __init__(self, path: str | os.PathLike):
         import sentencepiece as spm
@@ -129,6 +160,11 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
 
+    @property
+    def files(self) -> list[Path]:
+        """What a model directory copies: the model and, when present, its record."""
+        return [self.path] + ([meta_path(self.path)] if meta_path(self.path).is_file() else [])
+
 
 def read_meta(model: Path) -> dict:
     """The tokenizer.json next to a model ({} when absent); DataError when it is not a JSON object."""
@@ -145,10 +181,130 @@ def read_meta(model: Path) -> dict:
     return data
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a tokenizer (.model file or its directory); DataError when it lacks this project's
-    special pieces at their ids."""
-    return Tokenizer(path)
+# The roles a sequence needs, the tokenizer_config.json keys that name them (first found wins), and
+# the usual token names to look for when no config names them (BERT's first, then RoBERTa's).
+HF_ROLES = {"bos": ("cls_token", "bos_token"), "eos": ("sep_token", "eos_token"), "pad": ("pad_token",),
+            "unk": ("unk_token",), "mask": ("mask_token",)}
+HF_USUAL = {"bos": ("[CLS]", "<s>"), "eos": ("[SEP]", "</s>"), "pad": ("[PAD]", "<pad>"),
+            "unk": ("[UNK]", "<unk>"), "mask": ("[MASK]", "<mask>")}
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (through the ``tokenizers`` library) with the interface of
+    :class:`Tokenizer`: ids as the source model knew them, special ids read from its files."""
+
+    kind = "hf"
+
+    def __init__(self, path: str | os.PathLike):
+        try:
+            from tokenizers import Tokenizer as _Pipeline
+        except ImportError:  # pragma: no cover - a dependency of the project
+            raise DataError("reading a Hugging Face tokenizer needs the tokenizers package; "
+                            "pip install tokenizers") from None
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise DataError(f"tokenizer {self.path} does not exist")
+        try:
+            self.pipeline = _Pipeline.from_file(str(self.path))
+            self.spec = json.loads(self.path.read_text(encoding="utf-8"))
+        except Exception as exc:  # tokenizers raises a plain Exception for a bad file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DataError(f"{self.path} is not a Hugging Face tokenizer file ({first[:120]}); save one "
+                            f"with transformers' tokenizer.save_pretrained(DIR)") from None
+        self.pipeline.no_truncation()  # inputs are cut by the data code, which knows n and the specials
+        self.pipeline.no_padding()
+        self.sha256 = sha256_file(self.path)
+        self.vocab_size = int(self.pipeline.get_vocab_size(with_added_tokens=True))
+        self.meta: dict = {}
+        self.special_ids = self._special_ids()
+        self.word_start = self._word_starts()
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path] + [self.path.parent / n for n in HF_SIDE_FILES if (self.path.parent / n).is_file()]
+
+    def _declared(self) -> dict[str, str]:
+        declared: dict[str, str] = {}
+        for name in HF_SIDE_FILES:
+            f = self.path.parent / name
+            if not f.is_file():
+                continue
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except ValueError:
+                raise DataError(f"{f} is not valid JSON; fix it or delete it (the usual special-token "
+                                f"names are then looked up)") from None
+            for key in {k for keys in HF_ROLES.values() for k in keys}:
+                value = data.get(key) if isinstance(data, dict) else None
+                value = value.get("content") if isinstance(value, dict) else value
+                if isinstance(value, str) and value:
+                    declared.setdefault(key, value)
+        return declared
+
+    def _special_ids(self) -> dict[str, int]:
+        declared = self._declared()
+        ids: dict[str, int] = {}
+        for role, keys in HF_ROLES.items():
+            token = next((declared[k] for k in keys if k in declared), None)
+            if token is None:
+                token = next((t for t in HF_USUAL[role] if self.pipeline.token_to_id(t) is not None), None)
+            if token is None:
+                if role == "unk":  # byte-level vocabularies can do without
+                    continue
+                raise DataError(f"tokenizer {self.path} names no {role} token ({' or '.join(keys)} in "
+                                f"{' / '.join(HF_SIDE_FILES)}) and has none of {', '.join(HF_USUAL[role])}; "
+                                f"add the token to the tokenizer and name it in tokenizer_config.json")
+            tid = self.pipeline.token_to_id(token)
+            if tid is None:
+                raise DataError(f"tokenizer {self.path}: its config names {token!r} as the {role} token, "
+                                f"but the vocabulary has no such token")
+            ids[role] = int(tid)
+        return ids
+
+    def _word_starts(self) -> np.ndarray:
+        """Pieces that begin a word (whole-word masking): WordPiece marks continuations (##),
+        byte-level BPE marks starts (Ġ), Metaspace/Unigram marks starts (▁); otherwise every piece
+        counts as a word."""
+        model = self.spec.get("model") or {}
+        pre = json.dumps(self.spec.get("pre_tokenizer") or {})
+        pieces = [self.pipeline.id_to_token(i) or "" for i in range(self.vocab_size)]
+        if model.get("type") == "WordPiece":
+            prefix = model.get("continuing_subword_prefix") or "##"
+            starts = [not p.startswith(prefix) for p in pieces]
+        elif "ByteLevel" in pre:
+            starts = [p.startswith("Ġ") for p in pieces]
+        elif "Metaspace" in pre or model.get("type") == "Unigram":
+            starts = [p.startswith(WORD_START) for p in pieces]
+        else:
+            starts = [True] * len(pieces)
+        out = np.array(starts, dtype=bool)
+        out[list(self.special_ids.values())] = True
+        return out
+
+    def encode(self, texts: Sequence[str] | str, num_threads: int = 1) -> list[list[int]]:
+        """Token ids of each text (a single str counts as one text); no specials added."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return [e.ids for e in self.pipeline.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        return self.pipeline.decode(ids, skip_special_tokens=not keep_special)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def load_tokenizer(path: str | os.PathLike) -> "Tokenizer | HFTokenizer":
+    """Load a tokenizer: a sentencepiece .model (or a directory holding tokenizer.model), checked
+    for this project's special pieces at their ids; or a Hugging Face tokenizer.json (or a directory
+    holding only that), with its own special ids. DataError when it is neither."""
+    file = model_path(path)
+    if file.suffix == ".json":
+        if file.with_suffix(".model").is_file():  # the record of a sentencepiece model
+            return Tokenizer(file.with_suffix(".model"))
+        return HFTokenizer(file)
+    return Tokenizer(file)
 
 
 # --------------------------------------------------------------------------------------------------

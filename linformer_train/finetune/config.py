@@ -32,9 +32,11 @@ class FinetuneModelConfig:
     encoder's shape in model.random_init and its tokenizer in model.tokenizer."""
     random_init: dict = field(default_factory=dict)
     """With pretrained=none: the encoder's model section, as in a pretraining YAML (preset or
-    sizes, max_seq_len, attention, k, sharing, ...); vocab_size defaults to the tokenizer's."""
+    sizes, max_seq_len, attention, k, sharing, ...); vocab_size and pad_token_id default to the
+    tokenizer's."""
     tokenizer: Optional[str] = None
-    """With pretrained=none: the tokenizer (a tokenizer.model, or the directory holding it)."""
+    """With pretrained=none: the tokenizer (a tokenizer.model or a Hugging Face tokenizer.json, or
+    the directory holding it, such as a model directory)."""
     max_length: Optional[int] = None
     """Tokens per input, specials included; defaults to the model's n (max_seq_len)."""
     padding: str = "longest"
@@ -237,14 +239,17 @@ def validate(cfg: FinetuneConfig) -> None:
 RANDOM_INIT = "none"
 
 
-def random_init_config(m: FinetuneModelConfig, vocab_size: Optional[int] = None):
+def random_init_config(m: FinetuneModelConfig, vocab_size: Optional[int] = None,
+                       pad_token_id: Optional[int] = None):
     """The validated ModelConfig of a random-init encoder (model.pretrained=none); ``vocab_size``
-    (the tokenizer's) fills in when model.random_init does not name one."""
+    and ``pad_token_id`` (the tokenizer's) fill in when model.random_init does not name them."""
     from linformer_train.config import config_from_dict
 
     raw = dict(m.random_init)
     if vocab_size is not None:
         raw.setdefault("vocab_size", vocab_size)
+    if pad_token_id is not None:
+        raw.setdefault("pad_token_id", pad_token_id)
     try:
         return config_from_dict({"model": raw}).model
     except ConfigError as exc:  # name the keys as the user wrote them: model.random_init.k

@@ -1,6 +1,7 @@
 """Fine-tuning inputs: tokenize, truncate to the model's length, batch with an attention mask.
 
-Layout (RoBERTa's): ``<s> a </s>`` for one text, ``<s> a </s></s> b </s>`` for a pair. Inputs longer
+Layout (RoBERTa's): ``<s> a </s>`` for one text, ``<s> a </s></s> b </s>`` for a pair, with the
+tokenizer's own start and end tokens (``[CLS]`` and ``[SEP]`` for a BERT tokenizer). Inputs longer
 than ``max_length`` (default: the model's n) are cut: one text keeps its head; a pair drops
 tokens from whichever text is longer, one at a time (longest-first), so both keep a share. With a
 model of n=4096 an IMDB review keeps up to 4096 tokens; nothing is cut at 512 unless asked.
@@ -24,7 +25,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from linformer_train.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from linformer_train.data.tokenizer import PAD_ID
 from linformer_train.finetune.tasks import Examples
 
 
@@ -35,6 +36,7 @@ class Encoded:
     ids: list[np.ndarray]
     labels: Optional[np.ndarray]
     truncated: int
+    pad_id: int = PAD_ID
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -62,6 +64,7 @@ def _truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], 
 def encode(tokenizer, ex: Examples, max_length: int, label_index: Optional[list[int]] = None,
            num_threads: int = 2) -> Encoded:
     """Tokenize and lay out every example; ``label_index`` holds the label of each as an int."""
+    bos, eos = tokenizer.special_ids["bos"], tokenizer.special_ids["eos"]
     firsts = tokenizer.encode(ex.texts, num_threads=num_threads)
     seconds = tokenizer.encode(ex.pairs, num_threads=num_threads) if ex.pairs is not None else None
     ids, truncated = [], 0
@@ -69,23 +72,23 @@ def encode(tokenizer, ex: Examples, max_length: int, label_index: Optional[list[
         if seconds is None:
             budget = max_length - 2
             cut = len(a) > budget
-            seq = [BOS_ID, *a[:budget], EOS_ID]
+            seq = [bos, *a[:budget], eos]
         else:
             b = seconds[i]
             a2, b2 = _truncate_pair(a, b, max_length - 4)
             cut = len(a2) < len(a) or len(b2) < len(b)
-            seq = [BOS_ID, *a2, EOS_ID, EOS_ID, *b2, EOS_ID]
+            seq = [bos, *a2, eos, eos, *b2, eos]
         truncated += cut
         ids.append(np.asarray(seq, dtype=np.int64))
     labels = np.asarray(label_index, dtype=np.int64) if label_index is not None else None
-    return Encoded(ids, labels, truncated)
+    return Encoded(ids, labels, truncated, tokenizer.special_ids["pad"])
 
 
 def collate(enc: Encoded, idx: np.ndarray, pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Examples ``idx`` as (B, L) input_ids and attention_mask (1 = real token), plus labels."""
     seqs = [enc.ids[i] for i in idx]
     L = pad_to or max(len(s) for s in seqs)
-    input_ids = np.full((len(seqs), L), PAD_ID, dtype=np.int64)
+    input_ids = np.full((len(seqs), L), enc.pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), L), dtype=np.int64)
     for row, s in enumerate(seqs):
         input_ids[row, : len(s)] = s

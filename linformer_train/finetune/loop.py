@@ -72,7 +72,7 @@ def prepare_task(cfg: FinetuneConfig) -> PreparedTask:
         pretrained = None
         tokenizer = load_tokenizer(cfg.model.tokenizer)
         tokenizer_path = tokenizer.path
-        model_cfg = random_init_config(cfg.model, tokenizer.vocab_size)
+        model_cfg = random_init_config(cfg.model, tokenizer.vocab_size, tokenizer.special_ids["pad"])
         info = {"architecture": "mlm", "source": {"kind": "random-init"}}
         where = "model.random_init"
     else:
