@@ -39,11 +39,11 @@ def collate(examples):
 
 
 def accuracy_after_short_training(seed: int, **model) -> float:
-    """60 AdamW steps of 32 fresh sentences (lr 1e-3) on a 2x64 classifier at n=256, then the
-    accuracy on 1,000 held-out sentences."""
+    """60 AdamW steps of 32 fresh sentences (lr 1e-3) on a 2x64 classifier (n=256, k=64 unless
+    ``model`` says otherwise), then the accuracy on 1,000 held-out sentences."""
     torch.manual_seed(seed)
-    cfg = config_from_dict({"model": dict(preset="tiny", vocab_size=VOCAB, max_seq_len=256, k=64, dropout=0.0,
-                                          attention_dropout=0.0, **model)}).model
+    cfg = config_from_dict({"model": {**dict(preset="tiny", vocab_size=VOCAB, max_seq_len=256, k=64, dropout=0.0,
+                                             attention_dropout=0.0), **model}}).model
     clf = LinformerForSequenceClassification(cfg)
     opt = torch.optim.AdamW(clf.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(100 + seed)
