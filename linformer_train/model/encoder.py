@@ -165,20 +165,27 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     """Normal(0, init_std) for dense and embedding weights, zero biases, unit LayerNorms; the
     sequence projections keep their own init (windows or N(0, 1/n): see LinearProjection)."""
     for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=cfg.init_std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=cfg.init_std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
+        if module is not model:
+            init_module(module, cfg)
+
+
+def init_module(module: nn.Module, cfg: ModelConfig) -> None:
+    """The init of one module's own parameters (not its children's): what ``init_weights`` applies
+    to every submodule, and what the transformers wrappers (linformer_train.hf) call per module."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=cfg.init_std)
+        if module.bias is not None:
             nn.init.zeros_(module.bias)
-        elif hasattr(module, "init_weights") and module is not model:
-            module.init_weights()
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=cfg.init_std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif hasattr(module, "init_weights"):
+        module.init_weights()
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
