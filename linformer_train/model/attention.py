@@ -108,7 +108,9 @@ class LinearProjection(nn.Module):
         slot_mask = None
         if self.short_input_scaling == "window":
             n = self.max_seq_len
-            rows = min(k_used, -(-L * k_used // n))              # slots the (padded) batch reaches
+            # ceil division written without negatives: the ONNX exporter turns a floor division of a
+            # symbolic length into ONNX Div, which truncates, so -(-a // b) would export as 0
+            rows = min(k_used, (L * k_used + n - 1) // n)        # slots the (padded) batch reaches
             if lengths is not None:                              # fewer for shorter sequences
                 reached = slots_reached(lengths.clamp(min=1), k_used, n)  # (B,)
                 slot_mask = (torch.arange(rows, device=x.device) < reached[:, None])[:, None, None, :]
@@ -164,7 +166,7 @@ class MeanPoolProjection(nn.Module):
                 mask: Optional[torch.Tensor] = None):
         B, H, L, Dh = x.shape
         w = self.max_seq_len // k_used                          # window = n / k
-        slots = -(-L // w)
+        slots = (L + w - 1) // w                                # ceil, exportable (see above)
         x = F.pad(x, (0, 0, 0, slots * w - L))                  # (B, H, S*w, Dh)
         summed = x.view(B, H, slots, w, Dh).sum(dim=3)          # (B, H, S, Dh)
         counts, slot_mask = _window_counts(mask, B, L, w, slots, x.device)
@@ -188,7 +190,7 @@ class ConvProjection(nn.Module):
                 mask: Optional[torch.Tensor] = None):
         B, H, L, Dh = x.shape
         w = self.window
-        slots = -(-L // w)
+        slots = (L + w - 1) // w                                # ceil, exportable (see above)
         x = F.pad(x, (0, 0, 0, slots * w - L))
         y = self.conv(x.reshape(B * H, slots * w, Dh).transpose(1, 2))  # (B*H, Dh, S)
         y = y.transpose(1, 2).reshape(B, H, slots, Dh)
