@@ -18,6 +18,10 @@ commands:
       the same model at another n and k
   warm-start HF_DIR OUT [--tokenizer TOK] [model.key=value ...]
       a local RoBERTa/BERT directory -> Linformer model directory (keeps its own tokenizer)
+  to-hf MODEL OUT [--pooling mean|first]
+      model dir -> transformers directory (AutoModel*, fill-mask, sentence-transformers)
+  from-hf HF_DIR OUT [--tokenizer TOK]
+      to-hf's directory (or a model fine-tuned with transformers) -> model dir
   inspect MODEL
       what a model directory holds
 
@@ -111,6 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="for the E/F projections and a fresh head (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
+    p = sub.add_parser("to-hf", help="model directory -> transformers directory",
+                       description="A model directory -> a transformers directory: config.json, "
+                                   "model.safetensors, a fast tokenizer and sentence-transformers' pooling. "
+                                   "Load it after `import linformer_train.hf` (docs/INTEROP.md).")
+    p.add_argument("model", help="a model directory")
+    p.add_argument("out", help="the transformers directory to write")
+    p.add_argument("--pooling", choices=("mean", "first"), default="mean",
+                   help="sentence-transformers' pooling: mean over real tokens or the first token (default: mean)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    p = sub.add_parser("from-hf", help="transformers directory -> model directory",
+                       description="A transformers directory of a Linformer (written by to-hf, or fine-tuned "
+                                   "and saved with transformers) -> a model directory.")
+    p.add_argument("hf_dir", help="a transformers directory (config.json with model_type linformer-train)")
+    p.add_argument("out", help="the model directory to write")
+    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json to keep (default: the one to-hf "
+                                       "stored under linformer/, else the fast tokenizer.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
     p = sub.add_parser("inspect", help="print a model directory's description",
                        description="Print what a model directory holds.")
     p.add_argument("model", help="a model directory")
@@ -142,6 +165,16 @@ def convert(argv: Sequence[str]) -> int:
                          _model_overrides(args.overrides, USER_FIELDS, " (it comes from the Hugging Face model)"),
                          args.positions,
                          args.min_vocab_coverage, args.init_head, args.dtype, args.overwrite, args.seed)
+    elif args.command == "to-hf":
+        from linformer_train.convert.hf_export import to_hf
+
+        out = to_hf(args.model, args.out, args.pooling, args.overwrite)
+        print(f"wrote {out}; load it after `import linformer_train.hf`", flush=True)
+        return 0
+    elif args.command == "from-hf":
+        from linformer_train.convert.hf_export import from_hf
+
+        out = from_hf(args.hf_dir, args.out, args.tokenizer, args.overwrite)
     else:
         return _inspect(args.model)
     print(f"wrote {out}", flush=True)
