@@ -22,6 +22,8 @@ commands:
       model dir -> transformers directory (AutoModel*, fill-mask, sentence-transformers)
   from-hf HF_DIR OUT [--tokenizer TOK]
       to-hf's directory (or a model fine-tuned with transformers) -> model dir
+  to-onnx MODEL OUT.onnx
+      the encoder (or the classifier) as ONNX, dynamic batch and length <= n
   inspect MODEL
       what a model directory holds
 
@@ -134,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "stored under linformer/, else the fast tokenizer.json)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
+    p = sub.add_parser("to-onnx", help="model directory -> ONNX",
+                       description="The encoder of an MLM directory (output last_hidden_state) or a "
+                                   "classifier (output logits) as an ONNX file with dynamic batch and "
+                                   "length (up to n), checked against torch with onnxruntime when present.")
+    p.add_argument("model", help="a model directory")
+    p.add_argument("out", help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
     p = sub.add_parser("inspect", help="print a model directory's description",
                        description="Print what a model directory holds.")
     p.add_argument("model", help="a model directory")
@@ -175,6 +186,12 @@ def convert(argv: Sequence[str]) -> int:
         from linformer_train.convert.hf_export import from_hf
 
         out = from_hf(args.hf_dir, args.out, args.tokenizer, args.overwrite)
+    elif args.command == "to-onnx":
+        from linformer_train.convert.onnx_export import to_onnx
+
+        report = to_onnx(args.model, args.out, args.opset, args.overwrite)
+        print(f"wrote {args.out}; {report}", flush=True)
+        return 0
     else:
         return _inspect(args.model)
     print(f"wrote {out}", flush=True)
