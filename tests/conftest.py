@@ -8,11 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from helpers import proc
+from helpers import proc, shm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +23,14 @@ def pytest_configure(config):
     test's cleanup runs and kills the processes it started (they live in sessions of their own and
     would not get the signal)."""
     signal.signal(signal.SIGTERM, proc.interrupt_on_sigterm)
+
+
+SESSION_START = time.time()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shm.remove_leftovers(since=SESSION_START)  # what the 2-rank jobs left in /dev/shm (memory)
+
 
 # A small, fast model and corpus; every training test starts from these overrides.
 TINY = [
@@ -83,7 +92,10 @@ def deepspeed_command(script: str, args: list[str], ranks: int = 2) -> list[str]
 
 
 def deepspeed_run(script: str, args: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
-    return run_cli(deepspeed_command(script, args, ranks))
+    try:
+        return run_cli(deepspeed_command(script, args, ranks))
+    finally:
+        shm.remove_leftovers(since=SESSION_START)
 
 
 def _free_port() -> int:
