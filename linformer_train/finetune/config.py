@@ -39,6 +39,12 @@ class FinetuneModelConfig:
     the directory holding it, such as a model directory)."""
     max_length: Optional[int] = None
     """Tokens per input, specials included; defaults to the model's n (max_seq_len)."""
+    long_inputs: str = "truncate"
+    """A text longer than max_length: truncate (keep its head) | windows (overlapping windows of
+    max_length tokens, each a training row with the text's label; evaluation and predict average
+    each text's window logits). Single-text tasks only: pairs are always cut longest-first."""
+    window_stride: Optional[int] = None
+    """With windows: content tokens between window starts (default: half a window, max_length - 2)."""
     padding: str = "longest"
     """longest (pad each batch to its longest input) | max_length (always pad to max_length).
     Outputs do not depend on it: padded keys and values are zeroed and the projections scale by
@@ -129,6 +135,7 @@ class FinetuneConfig:
 
 CHOICES = {
     "model.padding": ("longest", "max_length"),
+    "model.long_inputs": ("truncate", "windows"),
     "task.format": ("auto", "csv", "tsv", "jsonl"),
     "task.metric": ("accuracy", "f1", "mcc"),
     "optim.decay": ("linear", "cosine", "constant"),
@@ -195,6 +202,12 @@ def validate(cfg: FinetuneConfig) -> None:
                                     f"at {m.pretrained} carries its own tokenizer (drop model.tokenizer)")
     if m.max_length is not None:
         _check(m.max_length >= 8, f"model.max_length={m.max_length} must be at least 8")
+    if m.window_stride is not None:
+        _check(m.long_inputs == "windows", f"model.window_stride={m.window_stride} applies only with "
+                                           f"model.long_inputs=windows")
+        _check(m.window_stride >= 1 and (m.max_length is None or m.window_stride <= m.max_length - 2),
+               f"model.window_stride={m.window_stride} must lie in [1, max_length - 2] (a larger stride "
+               f"would skip tokens)")
     for name in ("dropout", "attention_dropout"):
         v = getattr(m, name)
         _check(v is None or 0.0 <= v < 1.0, f"model.{name}={v} must lie in [0, 1)")

@@ -6,6 +6,12 @@ than ``max_length`` (default: the model's n) are cut: one text keeps its head; a
 tokens from whichever text is longer, one at a time (longest-first), so both keep a share. With a
 model of n=4096 an IMDB review keeps up to 4096 tokens; nothing is cut at 512 unless asked.
 
+Long inputs (``long_inputs: windows``): a single text longer than ``max_length`` becomes
+overlapping windows of ``max_length`` tokens, ``stride`` content tokens apart
+(linformer_train.data.windows), each its own row with the document's label; ``doc`` maps rows to
+documents, and evaluation and prediction aggregate each document's window logits. Sentence pairs
+are always cut longest-first.
+
 Padding: a batch is padded to its longest input (``padding=longest``) or to ``max_length``; the
 ``attention_mask`` marks real tokens. The model zeroes padded keys and values before every
 projection and scales projections by the real length, so the choice changes speed, not outputs.
@@ -31,15 +37,31 @@ from linformer_train.finetune.tasks import Examples
 
 @dataclass
 class Encoded:
-    """Token ids per example (specials added, truncated) and how many were cut."""
+    """Token ids per row (specials added; truncated, or one row per window) and how many
+    examples were cut (truncate) or split (windows)."""
 
     ids: list[np.ndarray]
     labels: Optional[np.ndarray]
     truncated: int
     pad_id: int = PAD_ID
+    doc: Optional[np.ndarray] = None
+    """With windows: the example each row belongs to (None: one row per example)."""
+    windowed: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.ids) if self.doc is None else (int(self.doc[-1]) + 1 if len(self.doc) else 0)
+
+    @property
+    def doc_labels(self) -> Optional[np.ndarray]:
+        """One label per example (the labels of each example's first row)."""
+        if self.labels is None or self.doc is None:
+            return self.labels
+        first = np.flatnonzero(np.r_[True, self.doc[1:] != self.doc[:-1]])
+        return self.labels[first]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -62,11 +84,16 @@ def _truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], 
 
 
 def encode(tokenizer, ex: Examples, max_length: int, label_index: Optional[list[int]] = None,
-           num_threads: int = 2) -> Encoded:
-    """Tokenize and lay out every example; ``label_index`` holds the label of each as an int."""
+           num_threads: int = 2, long_inputs: str = "truncate", stride: Optional[int] = None) -> Encoded:
+    """Tokenize and lay out every example; ``label_index`` holds the label of each as an int.
+    ``long_inputs="windows"`` splits a long single text into windows (see the module docstring)."""
     bos, eos = tokenizer.special_ids["bos"], tokenizer.special_ids["eos"]
     firsts = tokenizer.encode(ex.texts, num_threads=num_threads)
     seconds = tokenizer.encode(ex.pairs, num_threads=num_threads) if ex.pairs is not None else None
+    if long_inputs == "windows":
+        if seconds is not None:
+            raise ValueError("windows split single texts; sentence pairs are cut longest-first (long_inputs=truncate)")
+        return _encode_windows(firsts, max_length, bos, eos, stride, label_index, tokenizer.special_ids["pad"])
     ids, truncated = [], 0
     for i, a in enumerate(firsts):
         if seconds is None:
@@ -82,6 +109,21 @@ def encode(tokenizer, ex: Examples, max_length: int, label_index: Optional[list[
         ids.append(np.asarray(seq, dtype=np.int64))
     labels = np.asarray(label_index, dtype=np.int64) if label_index is not None else None
     return Encoded(ids, labels, truncated, tokenizer.special_ids["pad"])
+
+
+def _encode_windows(firsts: list[list[int]], max_length: int, bos: int, eos: int, stride: Optional[int],
+                    label_index: Optional[list[int]], pad_id: int) -> Encoded:
+    from linformer_train.data.windows import layout_windows
+
+    ids, doc, windowed = [], [], 0
+    for i, a in enumerate(firsts):
+        rows = layout_windows(a, max_length, bos, eos, stride)
+        ids.extend(rows)
+        doc.extend([i] * len(rows))
+        windowed += len(rows) > 1
+    doc = np.asarray(doc, dtype=np.int64)
+    labels = np.asarray(label_index, dtype=np.int64)[doc] if label_index is not None else None
+    return Encoded(ids, labels, 0, pad_id, doc, windowed)
 
 
 def collate(enc: Encoded, idx: np.ndarray, pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:

@@ -30,6 +30,12 @@ def finetune(argv: Sequence[str]) -> int:
     p.add_argument("--text-column")
     p.add_argument("--pair-column")
     p.add_argument("--max-length", type=int)
+    p.add_argument("--long-inputs", choices=("truncate", "windows"),
+                   help="a text longer than max-length: keep its head, or run overlapping windows and "
+                        "aggregate their logits (default: as the model was fine-tuned)")
+    p.add_argument("--window-stride", type=int, help="tokens between window starts (default: half a window)")
+    p.add_argument("--aggregate", choices=("mean", "max"), default="mean",
+                   help="how window logits combine into one prediction (default: mean)")
 
     from linformer_train.convert.entry import parse_with_overrides
 
@@ -38,7 +44,8 @@ def finetune(argv: Sequence[str]) -> int:
         from linformer_train.finetune.predict import predict_file
 
         count = predict_file(args.model, args.input, args.output, args.batch_size, args.device,
-                             args.format, args.text_column, args.pair_column, args.max_length)
+                             args.format, args.text_column, args.pair_column, args.max_length,
+                             args.long_inputs, args.window_stride, args.aggregate)
         print(f"wrote {count} predictions to {args.output}", flush=True)
         return 0
 

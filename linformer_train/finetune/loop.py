@@ -100,8 +100,15 @@ def prepare_task(cfg: FinetuneConfig) -> PreparedTask:
                else "the directory is inconsistent, export it again")
         raise DataError(f"{tokenizer_path} has {tokenizer.vocab_size} pieces but {where} has "
                         f"{model_cfg.vocab_size} embedding rows; {fix}")
-    train_enc = encode(tokenizer, train, max_length, label_ids(train, labels))
-    eval_enc = encode(tokenizer, evaluation, max_length, label_ids(evaluation, labels))
+    if cfg.model.long_inputs == "windows" and task.is_pair:
+        raise ConfigError("model.long_inputs=windows splits single texts, but this task classifies sentence "
+                          "pairs; use model.long_inputs=truncate (pairs are cut longest-first)")
+    if cfg.model.window_stride is not None and cfg.model.window_stride > max_length - 2:
+        raise ConfigError(f"model.window_stride={cfg.model.window_stride} exceeds a window's "
+                          f"{max_length - 2} content tokens (max_length - 2): it would skip tokens")
+    long = dict(long_inputs=cfg.model.long_inputs, stride=cfg.model.window_stride)
+    train_enc = encode(tokenizer, train, max_length, label_ids(train, labels), **long)
+    eval_enc = encode(tokenizer, evaluation, max_length, label_ids(evaluation, labels), **long)
     return PreparedTask(task, labels, train_enc, eval_enc, max_length, pretrained, info, model_cfg,
                         tokenizer_path)
 
@@ -267,7 +274,9 @@ class SeedRun:
 
     @torch.no_grad()
     def predict_eval(self) -> tuple[np.ndarray, float]:
-        """Predictions for every eval example (all ranks get them) and the mean eval loss."""
+        """Predictions for every eval example (all ranks get them) and the mean eval loss (per
+        row: with windows, per window). With windows, an example's prediction is the argmax of
+        the mean of its windows' logits."""
         engine = self.engine
         engine.eval()
         bs = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
@@ -280,22 +289,26 @@ class SeedRun:
             labels = b["labels"].to(self.device)
             loss_sum += F.cross_entropy(logits, labels, reduction="sum")
             local_idx.append(idx)
-            local_pred.append(logits.argmax(-1).cpu().numpy())
+            local_pred.append(logits.cpu().numpy())
         engine.train()
         dist.all_reduce(loss_sum)
         mine = (np.concatenate(local_idx) if local_idx else np.zeros(0, np.int64),
-                np.concatenate(local_pred) if local_pred else np.zeros(0, np.int64))
+                np.concatenate(local_pred) if local_pred else np.zeros((0, len(self.prep.labels)), np.float32))
         gathered = [None] * self.world
         dist.all_gather_object(gathered, mine)
-        preds = np.full(len(self.prep.eval), -1, dtype=np.int64)
+        logits = np.full((len(self.prep.eval), len(self.prep.labels)), np.nan, dtype=np.float32)
         for idx, pred in gathered:
-            preds[idx] = pred
-        assert (preds >= 0).all(), "every eval example is predicted exactly once"
-        return preds, float(loss_sum) / len(self.prep.eval)
+            logits[idx] = pred
+        assert not np.isnan(logits).any(), "every eval example is predicted exactly once"
+        if self.prep.eval.doc is not None:
+            from linformer_train.data.windows import aggregate
+
+            logits = aggregate(torch.from_numpy(logits), self.prep.eval.doc, self.prep.eval.num_docs).numpy()
+        return logits.argmax(-1), float(loss_sum) / len(self.prep.eval)
 
     def _evaluate(self, epoch: int) -> None:
         preds, loss = self.predict_eval()
-        scores = classification_metrics(preds, self.prep.eval.labels, len(self.prep.labels))
+        scores = classification_metrics(preds, self.prep.eval.doc_labels, len(self.prep.labels))
         record = {"epoch": epoch, "step": self.step, "loss": loss, **scores}
         self.history.append(record)
         self.metrics.log({"loss": loss, **scores}, self.step, prefix="eval")
@@ -310,7 +323,8 @@ class SeedRun:
             model = build_model(self.model_cfg, "classification")
             model.load_state_dict(state, strict=True)
             task = {**self.prep.task.describe(), "max_length": self.prep.max_length,
-                    "metric": self.cfg.task.metric}
+                    "metric": self.cfg.task.metric, "long_inputs": self.cfg.model.long_inputs,
+                    "window_stride": self.cfg.model.window_stride}
             start = "random init" if self.prep.pretrained is None else str(self.prep.pretrained.resolve())
             source = {"kind": "finetune", "from": start, "seed": self.seed,
                       "epoch": self.best["epoch"], "step": self.step,
@@ -338,17 +352,21 @@ def run_finetune(cfg: FinetuneConfig, prep: Optional[PreparedTask] = None) -> di
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
-        print(f"task {prep.task.name}: {len(prep.train)} train / {len(prep.eval)} eval examples, labels "
-              f"{prep.labels}, max_length {prep.max_length} (truncated: {prep.train.truncated} train, "
-              f"{prep.eval.truncated} eval)", flush=True)
+        if prep.train.doc is None:
+            cut = f"truncated: {prep.train.truncated} train, {prep.eval.truncated} eval"
+        else:
+            cut = f"windows: {len(prep.train)} train, {len(prep.eval)} eval"
+        print(f"task {prep.task.name}: {prep.train.num_docs} train / {prep.eval.num_docs} eval examples, labels "
+              f"{prep.labels}, max_length {prep.max_length} ({cut})", flush=True)
     runs = [SeedRun(cfg, prep, seed, out / f"seed_{seed}").run() for seed in cfg.train.seeds]
     metric = cfg.task.metric
     best_run = max(runs, key=lambda r: r["best"][metric])
     summary = {
         "task": prep.task.describe(), "pretrained": str(prep.pretrained or RANDOM_INIT),
         "labels": prep.labels,
-        "num_train": len(prep.train), "num_eval": len(prep.eval), "max_length": prep.max_length,
+        "num_train": prep.train.num_docs, "num_eval": prep.eval.num_docs, "max_length": prep.max_length,
         "truncated_train": prep.train.truncated, "truncated_eval": prep.eval.truncated,
+        "long_inputs": cfg.model.long_inputs, "windows_train": len(prep.train), "windows_eval": len(prep.eval),
         "metric": metric, "seeds": list(cfg.train.seeds),
         "per_seed": [{"seed": r["seed"], **{k: r["best"][k] for k in (*METRICS, "epoch")}} for r in runs],
         "mean": {}, "std": {},
