@@ -336,7 +336,7 @@ def test_bad_inputs_are_one_line(toks, tmp_path, capsys):
         ("to-hf", str(tmp_path / "missing"), str(tmp_path / "o1")): "does not exist",
         ("to-hf", str(src), str(src / "inside")): "inside the model directory",
         ("to-hf", str(src), str(out)): "already exists",
-        ("to-hf", str(out), str(tmp_path / "o2")): "not a linformer-train model directory",
+        ("to-hf", str(out), str(tmp_path / "o2")): "convert it back with `tools/convert.py from-hf",
         ("from-hf", str(src), str(tmp_path / "o3")): "no config.json",
         ("from-hf", str(roberta), str(tmp_path / "o4")): "warm-start",
         ("from-hf", str(pickled), str(tmp_path / "o5")): "pickled weights",

@@ -250,6 +250,9 @@ def _hint_for_foreign(path: Path) -> str:
             kind = json.loads(hf.read_text()).get("model_type")
         except ValueError:
             kind = None
+        if kind == "linformer-train":
+            return (f"it looks like a transformers export of a Linformer; convert it back with "
+                    f"`tools/convert.py from-hf {path} OUT`")
         if kind:
             return (f"it looks like a Hugging Face {kind} model; convert it with "
                     f"`tools/convert.py warm-start {path} OUT --tokenizer TOK`")
