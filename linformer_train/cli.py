@@ -27,6 +27,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, UsageError]
     for module, name in [("linformer_train.data", "DataError"),
+                         ("linformer_train.serialization", "UnsafeFileError"),
+                         ("linformer_train.paths", "PathOverlapError"),
+                         ("linformer_train.train.run_dir", "RunDirError"),
                          ("linformer_train.train.checkpoint", "CheckpointError"),
                          ("linformer_train.convert", "ConversionError"),
                          ("linformer_train.model.attention", "SequenceTooLongError")]:
@@ -42,6 +45,7 @@ def run_failures() -> tuple[type[BaseException], ...]:
     as one line, exit 1. Their modules are imported only once the run has loaded them."""
     failures: list[type[BaseException]] = []
     for module, name in [("linformer_train.train.trainer", "TrainingError"),
+                         ("linformer_train.train.run_dir", "RunFileError"),
                          ("linformer_train.train.distributed", "RankLostError")]:
         if module in sys.modules:
             failures.append(getattr(sys.modules[module], name))
@@ -58,6 +62,9 @@ def _say(line: str) -> None:
 def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:
     """Run ``main``; a user's mistake prints ``error: ...`` (no traceback) and returns 2; a run that
     stops for a stated reason (non-finite loss policy, a rank lost) prints one line and returns 1."""
+    from linformer_train.serialization import forbid_code_in_loads
+
+    forbid_code_in_loads()  # no torch.load in this process (DeepSpeed's included) may run pickled code
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return main(argv)

@@ -122,6 +122,12 @@ class DataConfig:
     """Where packed blocks live; defaults to <run_dir>/data."""
     validation_fraction: float = 0.01
     """Share of blocks held out for evaluation (at least one block)."""
+    allow_uneven_split: bool = False
+    """Accept a split by document that lands far from validation_fraction (a corpus of a few huge
+    documents); without it such a preparation is refused."""
+    max_bad_char_fraction: float = 0.01
+    """Share of a file's characters that may be undecodable bytes or NUL before the file is refused
+    as not UTF-8 text (UTF-16, Latin-1, binary); 1 reads anything, replacing bad bytes."""
     num_proc: int = 2
     """Processes for tokenization."""
     mask_prob: float = 0.15
@@ -214,6 +220,11 @@ class LoggingConfig:
     tensorboard: bool = True
     progress: bool = True
     """A live progress line on the console (rank 0)."""
+    verbose: bool = False
+    """Show DeepSpeed's own INFO/WARNING lines at start-up (hidden otherwise; its errors always show)."""
+    fill_mask_examples: int = 0
+    """At the end of the run, show the model's top guesses for this many masked words of held-out
+    text (a quick look at what it learned; the quickstart shows 3)."""
 
 
 @dataclass
@@ -227,6 +238,9 @@ class CheckpointConfig:
     """none | auto (latest complete checkpoint in run_dir, if any) | a checkpoint directory."""
     universal: bool = False
     """Load a universal checkpoint (after ds_to_universal), to resume on another number of ranks."""
+    overwrite: bool = False
+    """A fresh start into a run_dir that holds another run moves that run aside into
+    ``<run_dir>/replaced-<time>/`` (never deletes it); without this, such a start is refused."""
 
 
 @dataclass
@@ -585,6 +599,10 @@ def validate(cfg: Config) -> None:
         _check(bool(d.hf_name), "data.hf_name is unset but data.source=hf; name a dataset (e.g. wikitext)")
     _check(0.0 < d.validation_fraction < 0.5,
            f"data.validation_fraction={d.validation_fraction} must lie in (0, 0.5)")
+    _check(0 <= cfg.logging.fill_mask_examples <= 20,
+           f"logging.fill_mask_examples={cfg.logging.fill_mask_examples} must lie in [0, 20]")
+    _check(0.0 <= d.max_bad_char_fraction <= 1.0,
+           f"data.max_bad_char_fraction={d.max_bad_char_fraction} must lie in [0, 1]")
     _check(0.0 < d.mask_prob < 1.0, f"data.mask_prob={d.mask_prob} must lie in (0, 1)")
     _check(
         d.mask_replace_prob >= 0 and d.mask_random_prob >= 0

@@ -105,7 +105,7 @@ def test_prepare_reports_counts_then_reuses_then_refuses_another_n(files):
     manifest = json.loads((d / "prepared" / "manifest.json").read_text())
     assert manifest["seq_len"] == 64 and manifest["splits"]["validation"]["blocks"] >= 1
     rc, out, err = finish(start("prepare_data", args, d))
-    assert rc == 0 and "reusing prepared data" in err
+    assert rc == 0 and "data: reusing the set prepared in" in err
     rc, out, err = finish(start("prepare_data", [*args, "--seq-len", "128"], d))  # the last flag wins
     assert rc == 2 and "Traceback" not in err
     assert "holds data prepared from other inputs (seq_len: 64 -> 128)" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 
@@ -126,13 +127,41 @@ def test_empty_files_are_counted(tmp_path):
 def test_long_plain_text_document_is_cut(tmp_path, monkeypatch):
     import linformer_train.data.corpus as corpus
 
-    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 50)
+    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 70)
     f = tmp_path / "long.txt"
-    f.write_text("".join(f"line {i:03d} of one long document\n" for i in range(10)))
+    f.write_text("".join(f"line {i:03d} of one long document\n" for i in range(10)))  # 30 chars a line
     src = FileSource([f])
     docs = docs_of(src)
-    assert len(docs) == 5 and src.stats.split_documents == 5
+    # cut at line boundaries before a document passes the limit: two lines (61 chars) per document
+    assert len(docs) == 5 and src.stats.split_documents == 4
+    assert all(len(d) <= 70 for d in docs)
     assert "\n".join(docs) == f.read_text().rstrip("\n")
+
+
+def test_a_huge_line_is_read_and_cut_in_bounded_pieces(tmp_path, monkeypatch):
+    import tracemalloc
+
+    import linformer_train.data.corpus as corpus
+
+    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 1000)
+    monkeypatch.setattr(corpus, "READ_PIECE_BYTES", 256)
+    words = " ".join(f"w{i % 97}é" for i in range(20_000))  # one 120 KB line, multi-byte characters
+    for split in ("blank_line", "line"):
+        f = tmp_path / f"{split}.txt"
+        f.write_text(words + "\n\nlast document\n")
+        src = FileSource([f], text_split=split)
+        digest, longest, last = hashlib.sha256(), 0, ""
+        tracemalloc.start()
+        for doc in src.documents():  # streamed: only the pieces in flight are alive
+            digest.update(doc.replace(" ", "").encode())
+            longest, last = max(longest, len(doc)), doc
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert longest <= 1000 and last == "last document"
+        # nothing lost or garbled (a multi-byte character split across two reads decodes whole)
+        assert digest.hexdigest() == hashlib.sha256((words + "lastdocument").replace(" ", "").encode()).hexdigest()
+        assert src.stats.undecodable_lines == 0 and src.stats.split_documents >= 100
+        assert peak < 40_000, peak  # pieces, never the whole 120 KB line at once
 
 
 def test_max_documents_and_fingerprint(tmp_path):

@@ -84,7 +84,7 @@ def test_packer_property(lengths, n, fraction, batch, wide):
     expected = split_streams([[int(t) for t in d] for d in docs], fraction)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        packer = Packer(out, n, dtype, fraction)
+        packer = Packer(out, n, dtype, fraction, allow_uneven_split=True)  # the packing itself, here
         for i in range(0, len(docs), batch):  # batch boundaries must not matter
             part = docs[i:i + batch]
             values = np.array([t for d in part for t in d], dtype=dtype)
@@ -93,7 +93,7 @@ def test_packer_property(lengths, n, fraction, batch, wide):
             counts = packer.finish(out, "test corpus")
         except DataError as exc:
             total = sum(len(v) for v in expected.values())
-            assert "fewer than" in str(exc) or "has no text" in str(exc)
+            assert any(words in str(exc) for words in ("fewer than", "has no text", "splitting by document"))
             assert total < 3 * (n - 1) or min(len(v) for v in expected.values()) < n - 1
             return
         flat = {s: np.fromfile(out / f"{s}.bin", dtype=dtype).reshape(-1, n) for s in ("train", "validation")}

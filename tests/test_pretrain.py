@@ -18,8 +18,29 @@ pytestmark = pytest.mark.slow
 def test_loss_falls_and_everything_is_written(prepared_data, tmp_path):
     run = tmp_path / "run"
     res = pretrain(tiny_overrides(prepared_data, run, "train.max_steps=60", "train.eval_every=30",
-                                  "checkpoint.save_every=30", "logging.tensorboard=true"))
+                                  "checkpoint.save_every=30", "logging.tensorboard=true",
+                                  "logging.fill_mask_examples=2"))
     assert res.returncode == 0, res.stderr[-3000:]
+    # start-up says each phase once, in order, before the first step; DeepSpeed's chatter stays quiet
+    out = res.stdout.splitlines()
+    phases = ["config: ", "run: ", "data: ", "model: ", "engine: ", "training: ", "step "]
+    at = [next(i for i, line in enumerate(out) if line.startswith(p)) for p in phases]
+    assert at == sorted(at), out[:12]
+    assert f"run: {run} | fresh start" in out
+    assert "model: 113k parameters | 2 layers x 64 (4 heads, FFN 128) | n=64 | linformer k=16" in res.stdout
+    assert "engine: DeepSpeed ZeRO-0 | fp32 | 1 rank(s) on cpu" in res.stdout
+    for chatter in ("Setting accelerator to CPU", "built successfully", "[INFO]", "[WARNING]"):
+        assert chatter not in res.stdout + res.stderr, chatter
+    # the end: what was trained, the evaluation beside the unigram baseline, where everything is
+    done = out.index(next(line for line in out if line.startswith("done: steps 1-60; ")))
+    summary = "\n".join(out[done:])
+    evals_logged = read_metrics(run, "eval")
+    assert f"eval  (validation, step 60): loss {evals_logged[-1]['loss']:.4f}" in summary
+    unigram = float(summary.split("unigram baseline perplexity ")[1].split()[0])
+    assert 1 < unigram < 512  # the frequency model of a 512-piece vocabulary (its maths: test_train_units)
+    assert f"checkpoint: {run / 'checkpoints' / 'step_00000060'}" in summary
+    assert f"metrics: {run}/metrics.jsonl | TensorBoard: {run}/tensorboard | config: {run}/config.yaml" in summary
+    assert summary.count("      guesses: ") == 2 and summary.count(" <mask> ") == 2
     losses = [r["loss"] for r in read_metrics(run)]
     assert len(losses) == 60
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
@@ -80,11 +101,16 @@ def test_kill_during_save_keeps_previous_checkpoint(prepared_data, tmp_path, sta
     res = run_cli([sys.executable, "tests/helpers/crash_during_save.py", stage, "2", *overrides])
     assert res.returncode == 17, res.stderr[-3000:]
     manager = CheckpointManager(run / "checkpoints", 3)
-    assert manager.latest().name == "step_00000003"
+    # killed before its rename, step 6 is debris; killed after it (before `latest`), step 6 is
+    # complete and newer than the pointer: resume takes it and loses nothing
+    expected = "step_00000003" if stage == "files_written" else "step_00000006"
+    assert manager.latest().name == expected
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000003"
     verify_checkpoint(manager.latest())
     again = pretrain(overrides + ["--resume"])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "step_00000003" in again.stdout and manager.latest().name == "step_00000006"
+    assert f"resumed from {run / 'checkpoints' / expected}" in again.stdout
+    assert manager.latest().name == "step_00000006"
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -128,13 +154,16 @@ def test_two_ranks_bf16_zero(prepared_data, tmp_path, stage):
     assert ranks[0]["step"] == ranks[1]["step"] == 24
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert CheckpointManager(run / "checkpoints", 3).latest().name == "step_00000024"
+    # only rank 0 speaks
+    assert res.stdout.count(f"engine: DeepSpeed ZeRO-{stage} | bf16 | 2 rank(s) on cpu") == 1, res.stdout[-3000:]
+    assert res.stdout.count("model: ") == 1 and res.stdout.count("done: steps 1-24") == 1
     if stage == 2:
         # resume on ONE rank (micro-batch 8 keeps 8 samples per step) through a universal checkpoint
         ckpt = run / "checkpoints" / "step_00000024"
         universal = run / "checkpoints" / "step_00000024_universal"
-        conv = run_cli([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                        "--input_folder", str(ckpt), "--output_folder", str(universal)])
+        conv = run_cli([sys.executable, "tools/convert.py", "universal", str(ckpt), str(universal)])
         assert conv.returncode == 0, conv.stderr[-3000:]
+        assert f"resume with checkpoint.resume={universal} checkpoint.universal=true" in conv.stdout
         res = pretrain(tiny_overrides(
             prepared_data, run, "precision.dtype=bf16", "precision.zero_stage=2", "train.max_steps=28",
             "train.eval_every=0", "checkpoint.save_every=0", "model.sharing=layerwise", "model.k=[32,16]",

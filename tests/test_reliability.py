@@ -75,13 +75,17 @@ def two_rank_job(prepared_data, tmp_path_factory):
     with proc.start(deepspeed_command("tests/helpers/faults.py", b_args), cwd=ROOT, env=cli_env()) as job:
         _signal_ranks_when(run / "awaiting_sigterm_5", job)
         b = job.wait()
-    rows_b = read_metrics(run)[len(rows_a):]
+    # a resumed run keeps the history up to its checkpoint (step 4) and logs the steps after it once
+    history_b = read_metrics(run)
+    rows_b = [r for r in history_b if r["step"] > 4]
     latest_b = CheckpointManager(run / "checkpoints", 3).latest()
 
     c = deepspeed_run("tests/helpers/faults.py", ["--nan", "0:8", "--", *overrides, "--resume",
                                                   "train.nonfinite_policy=stop"])
-    rows_c = read_metrics(run)[len(rows_a) + len(rows_b):]
+    history_c = read_metrics(run)
+    rows_c = [r for r in history_c if r["step"] > 5]
     return {"run": run, "a": a, "b": b, "c": c, "rows_a": rows_a, "rows_b": rows_b, "rows_c": rows_c,
+            "history_b": history_b, "history_c": history_c,
             "latest_b": latest_b, "saved_a": saved_a}
 
 
@@ -105,6 +109,9 @@ def test_sigkill_of_a_rank_names_it_and_resume_loses_only_the_steps_since_the_ch
     assert f"resumed from {two_rank_job['run'] / 'checkpoints' / 'step_00000004'} at step 4" in b.stdout
     ref, again = _by_step(two_rank_job["rows_a"]), _by_step(two_rank_job["rows_b"])
     assert sorted(again) == [5] and again[5][0] == ref[5][0]
+    # metrics.jsonl holds one history: A's steps 6-7 (trained again by B) were dropped, not mixed in
+    assert [r["step"] for r in two_rank_job["history_b"]] == [1, 2, 3, 4, 5]
+    assert "metrics.jsonl: dropped 3 records after step 4" in b.stdout
 
 
 def test_sigterm_to_every_rank_saves_and_each_exits_zero_then_resume_is_bit_exact(two_rank_job):

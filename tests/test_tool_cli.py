@@ -164,10 +164,12 @@ def test_convert_help_lists_each_command_on_its_own_line(capsys):
     lines = out.splitlines()
     assert lines[0] == "usage: convert [-h] COMMAND ..."
     for usage in ("export CHECKPOINT OUT", "resize MODEL OUT model.max_seq_len=N [model.k=K]",
-                  "warm-start HF_DIR OUT --tokenizer TOK [model.key=value ...]", "inspect MODEL"):
+                  "warm-start HF_DIR OUT [--tokenizer TOK] [model.key=value ...]", "universal CHECKPOINT OUT",
+                  "to-hf MODEL OUT [--pooling mean|first]", "from-hf HF_DIR OUT [--tokenizer TOK]",
+                  "to-onnx MODEL OUT.onnx", "inspect MODEL"):
         assert f"  {usage}" in lines, out
     assert max(len(line) for line in lines) <= 80
-    for command in ("export", "resize", "warm-start", "inspect"):
+    for command in ("export", "resize", "warm-start", "universal", "to-hf", "from-hf", "to-onnx", "inspect"):
         with pytest.raises(SystemExit):
             convert([command, "--help"])
         assert "usage: convert " + command in capsys.readouterr().out
@@ -177,6 +179,7 @@ def test_convert_arguments_all_have_help():
     from linformer_train.convert.entry import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert sorted(sub.choices) == ["export", "inspect", "resize", "warm-start"]
+    assert sorted(sub.choices) == ["export", "from-hf", "inspect", "resize", "to-hf", "to-onnx", "universal",
+                                   "warm-start"]
     missing = [f"{name} {a.dest}" for name, p in sub.choices.items() for a in _actions(p) if not a.help]
     assert missing == []

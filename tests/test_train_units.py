@@ -108,15 +108,20 @@ def test_crash_at_every_save_stage_keeps_previous_checkpoint(tmp_path, stage):
     with pytest.raises(Crash):
         CheckpointManager(root, keep_last=2, on_stage=crash_at(stage)).save(FakeEngine(), 200, {"step": 200}, {})
     manager = CheckpointManager(root, keep_last=2)
+    assert (root / "latest").read_text() == "step_00000100"  # the pointer never names an incomplete one
     latest = manager.latest()
-    assert latest.name == "step_00000100"  # the pointer never names an incomplete checkpoint
     verify_checkpoint(latest)
-    if stage == "before_latest":  # renamed but not yet pointed at: complete, found by listing
+    if stage == "before_latest":  # renamed but not yet pointed at: complete, found by listing, preferred
         assert [p.name for p in manager.complete_checkpoints()] == ["step_00000100", "step_00000200"]
-    # the next save of the same step succeeds over the debris
-    manager.save(FakeEngine(), 200, {"step": 200}, {})
+        assert latest.name == "step_00000200"
+    else:
+        assert latest.name == "step_00000100"
+    # the next save of the same step succeeds over the debris; a complete folder it replaces is
+    # moved aside, never kept in place of the new one
+    manager.save(FakeEngine(), 200, {"step": 200}, {"new": 1})
     assert manager.latest().name == "step_00000200"
     assert not list(root.glob("*.tmp"))
+    assert len(list(root.glob("superseded-*/step_00000200"))) == (stage == "before_latest")
 
 
 def test_keep_last_and_resume_resolution(tmp_path):
@@ -167,3 +172,27 @@ def test_failed_write_is_a_clear_error_and_keeps_previous(tmp_path):
                                               r"on device\); the previous checkpoint is intact"):
         manager.save(FullDisk(), 2, {"step": 2}, {})
     assert manager.latest().name == "step_00000001"
+
+
+def test_unigram_baseline_is_the_cross_entropy_of_token_frequencies(tmp_path):
+    """Frequencies from the training blocks (add-one smoothed, specials excluded), scored at the
+    masked positions only."""
+    import math
+
+    import numpy as np
+
+    from linformer_train.data.prepare import BlockSet
+    from linformer_train.train.report import unigram_log_probs, unigram_sums
+
+    V, n = 8, 4
+    rows = np.array([[1, 5, 5, 6], [1, 5, 7, 2], [1, 6, 5, 2]], dtype=np.uint16)  # 1, 2 special
+    rows.tofile(tmp_path / "train.bin")
+    log_p = unigram_log_probs(BlockSet(tmp_path / "train.bin", n, "uint16", 3), V, special_ids=[0, 1, 2])
+    counts = {3: 1, 4: 1, 5: 5, 6: 3, 7: 2}  # add-one: 0, 0, 4, 2, 1 seen
+    total = sum(counts.values())
+    for token, c in counts.items():
+        assert math.isclose(float(log_p[token]), math.log(c / total), rel_tol=1e-9)
+    assert float(log_p[1].exp()) == 0.0 and float(log_p[2].exp()) == 0.0
+    labels = torch.tensor([[-100, 5, -100, 7], [6, -100, -100, -100]])
+    loss_sum, count = unigram_sums(log_p, [{"labels": labels}])
+    assert count == 3 and math.isclose(loss_sum, -math.log(5 / 12) - math.log(2 / 12) - math.log(3 / 12))

@@ -226,12 +226,28 @@ def _share_warning(r: dict) -> str:
             f"second{load}: other processes took the cores, so its {r['time_ms']:.1f} ms is inflated")
 
 
+def _budget(args, device: str, console) -> int:
+    """--budget-gib, capped at what the device has (a budget the machine cannot give would only
+    have the search allocate until the kernel kills it)."""
+    from linformer_train import profiling as prof
+
+    have = prof.default_budget_bytes(device)
+    if not args.budget_gib:
+        return have
+    asked = int(args.budget_gib * prof.GIB)
+    if asked > have:
+        console.print(f"[yellow]note: --budget-gib {args.budget_gib:g} is more than {device} has "
+                      f"({have / prof.GIB:.1f} GiB usable); using {have / prof.GIB:.1f} GiB[/yellow]")
+        return have
+    return asked
+
+
 def cmd_sweep(args) -> int:
     from linformer_train import profiling as prof
 
     console = _console()
     device = _device(args.device)
-    budget = int(args.budget_gib * prof.GIB) if args.budget_gib else prof.default_budget_bytes(device)
+    budget = _budget(args, device, console)
     cases = _cases(args, device, budget)
     peak = _peak(args, device)
     console.print(f"[dim]{len(cases)} cases on {device}; peak {peak / 1e12:.3f} TFLOP/s "
@@ -277,7 +293,7 @@ def cmd_max_batch(args) -> int:
 
     console = _console()
     device = _device(args.device)
-    budget = int(args.budget_gib * prof.GIB) if args.budget_gib else prof.default_budget_bytes(device)
+    budget = _budget(args, device, console)
     args.batch_size = [1]
     cases = _cases(args, device, budget)
     peak = _peak(args, device)

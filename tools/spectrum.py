@@ -101,9 +101,13 @@ def cmd_measure(args) -> int:
     from linformer_train.spectrum import (SHARE_GRID, SpectrumError, load_model, load_samples,
                                           measure_spectrum, plot_cumulative, plot_rank_heatmap)
 
+    from linformer_train.paths import check_output_apart
+
     share = _share(args.share)
     if args.samples < 1:
         raise SpectrumError(f"--samples {args.samples} must be at least 1")
+    data = {f"the data {d}": d for d in args.data if d != "builtin"}
+    check_output_apart(args.out, {"the model": args.model, **data}, "--out")
     loaded = load_model(args.model)
     mcfg = loaded.model_cfg
     n = args.seq_len or mcfg.max_seq_len

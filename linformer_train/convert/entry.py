@@ -1,4 +1,4 @@
-"""The command line behind tools/convert.py: export, resize, warm-start, inspect."""
+"""The command line behind tools/convert.py: export, resize, warm-start, universal, inspect."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ commands:
   resize MODEL OUT model.max_seq_len=N [model.k=K]
       the same model at another n and k
   warm-start HF_DIR OUT [--tokenizer TOK] [model.key=value ...]
-      a local RoBERTa/BERT directory -> Linformer model directory (keeps its own tokenizer)
+      a local RoBERTa/BERT dir -> Linformer model dir (keeps its tokenizer)
+  universal CHECKPOINT OUT
+      DeepSpeed checkpoint -> universal checkpoint (another rank count)
   to-hf MODEL OUT [--pooling mean|first]
-      model dir -> transformers directory (AutoModel*, fill-mask, sentence-transformers)
+      model dir -> transformers (AutoModel, fill-mask, sentence-transformers)
   from-hf HF_DIR OUT [--tokenizer TOK]
       to-hf's directory (or a model fine-tuned with transformers) -> model dir
   to-onnx MODEL OUT.onnx
@@ -117,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="for the E/F projections and a fresh head (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
+    p = sub.add_parser("universal", help="DeepSpeed checkpoint -> universal checkpoint",
+                       description="A DeepSpeed checkpoint -> a universal checkpoint, to resume on another "
+                                   "number of ranks (checkpoint.resume=OUT checkpoint.universal=true). "
+                                   "DeepSpeed's ds_to_universal, with weights-only loads.")
+    p.add_argument("checkpoint", help="a step folder, a checkpoints folder (its latest) or a run folder")
+    p.add_argument("out", help="the folder to write (must not exist)")
+    p.add_argument("--workers", type=int, default=1, help="processes extracting ZeRO shards (default: 1)")
+
     p = sub.add_parser("to-hf", help="model directory -> transformers directory",
                        description="A model directory -> a transformers directory: config.json, "
                                    "model.safetensors, a fast tokenizer and sentence-transformers' pooling. "
@@ -176,6 +186,12 @@ def convert(argv: Sequence[str]) -> int:
                          _model_overrides(args.overrides, USER_FIELDS, " (it comes from the Hugging Face model)"),
                          args.positions,
                          args.min_vocab_coverage, args.init_head, args.dtype, args.overwrite, args.seed)
+    elif args.command == "universal":
+        from linformer_train.convert.universal import to_universal
+
+        out = to_universal(args.checkpoint, args.out, args.workers)
+        print(f"wrote {out}; resume with checkpoint.resume={out} checkpoint.universal=true", flush=True)
+        return 0
     elif args.command == "to-hf":
         from linformer_train.convert.hf_export import to_hf
 

@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -39,20 +40,21 @@ COMPLETE = "complete.json"
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A step directory, a checkpoints root (follows ``latest``) or a run directory -> the step
-    directory, checked complete."""
-    from linformer_train.train.checkpoint import verify_checkpoint
+    directory, checked complete. A pointer is followed only to a folder beside it."""
+    from linformer_train.train.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
 
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"checkpoint {path} does not exist")
     if path.is_dir() and not (path / COMPLETE).exists():
         for root in (path, path / "checkpoints"):
-            pointer = root / LATEST
-            if pointer.is_file():
-                tag = pointer.read_text().strip()
-                if not tag:
-                    raise ConversionError(f"{pointer} is empty; name a checkpoint directory instead")
-                path = root / tag
+            if (root / LATEST).is_file():
+                try:
+                    found = CheckpointManager(root, keep_last=1).latest()
+                except CheckpointError as exc:
+                    raise ConversionError(str(exc)) from None
+                if found is not None:
+                    path = found
                 break
     if not path.is_dir():
         raise ConversionError(f"checkpoint {path} is not a directory; name a step_XXXXXXXX directory")
@@ -86,13 +88,23 @@ def _first_line(exc: BaseException) -> str:
 
 def read_checkpoint(ckpt: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, Path]:
     """(fp32 state dict, client state without the module, step directory) of a checkpoint."""
+    from linformer_train import serialization
+
     path = resolve_checkpoint(ckpt)
+    # every file DeepSpeed's merge may read is vetted first (pickle records only, no tensors), and
+    # its own torch.load calls run weights-only too
+    serialization.forbid_code_in_loads()
+    serialization.allow_deepspeed_records()
+    for f in sorted(path.glob("*.pt")):
+        serialization.check_loadable(f)
     states = sorted(path.glob("*model_states.pt"))
     # stage 0-2: mp_rank_00_model_states.pt; stage 3: zero_pp_rank_R_mp_rank_00_model_states.pt
     main = path / "mp_rank_00_model_states.pt"
     main = main if main.is_file() else states[0]
     try:
-        client = torch.load(main, map_location="cpu", weights_only=False)
+        client = serialization.load(main)
+    except serialization.UnsafeFileError:
+        raise
     except Exception as exc:  # a damaged pickle: name the file
         raise ConversionError(f"{main} cannot be read ({_first_line(exc)}); export an earlier checkpoint") from None
     ds_config = client.get("ds_config") or {}
@@ -104,6 +116,10 @@ def read_checkpoint(ckpt: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         try:
             with stack:
                 state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        except pickle.UnpicklingError as exc:
+            if serialization.is_refusal(exc):  # DeepSpeed's own torch.load, weights-only too
+                raise serialization.refusal(f"checkpoint {path}", exc) from None
+            raise ConversionError(f"{path} cannot be read ({_first_line(exc)}); export an earlier checkpoint") from None
         except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
             raise ConversionError(f"DeepSpeed could not merge the ZeRO-{stage} partitions of {path}: "
                                   f"{_first_line(exc)}") from None
@@ -191,8 +207,11 @@ def find_tokenizer(cfg: Config, step_dir: Path) -> Path:
 def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "fp32",
                       tokenizer: Optional[str | os.PathLike] = None, overwrite: bool = False) -> Path:
     """DeepSpeed checkpoint -> model directory (see the module docstring)."""
-    check_output_dir(out_dir, overwrite)
+    from linformer_train.paths import check_output_apart
+
+    check_output_dir(out_dir, overwrite, {"the checkpoint": ckpt, "the tokenizer": tokenizer})
     state, client, path = read_checkpoint(ckpt)
+    check_output_apart(out_dir, {"the checkpoint": path}, "output directory")
     cfg = _config_of(client, path)
     architecture = client.get("architecture", "mlm")
     model = build_model(cfg.model, architecture)
@@ -200,6 +219,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype
                      "the checkpoint was written by another model; export it with the code that wrote it")
     model.load_state_dict(state, strict=True)
     tok = Path(tokenizer) if tokenizer is not None else find_tokenizer(cfg, path)
+    check_output_apart(out_dir, {"the tokenizer": tok}, "output directory")
     source = {"kind": "deepspeed-checkpoint", "checkpoint": str(path.resolve()),
               "step": client.get("step"), "zero_stage": client["zero_stage"],
               "precision": cfg.precision.dtype, "consumed_tokens": client.get("consumed_tokens")}

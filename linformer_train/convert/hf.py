@@ -127,23 +127,48 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint (single file or sharded index, safetensors or torch)."""
     from safetensors.torch import load_file
 
+    from linformer_train import serialization
+
     def load_one(f: Path) -> dict[str, torch.Tensor]:
         if f.suffix == ".safetensors":
             return load_file(str(f))
-        return torch.load(f, map_location="cpu", weights_only=True)
+        return serialization.load(f)  # weights only: a pickled callable is refused, never run
 
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (hf_dir / name).is_file():
             return dict(load_one(hf_dir / name))
         index = hf_dir / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(load_one(hf_dir / shard))
+            for shard in _shard_files(index):
+                state.update(load_one(shard))
             return state
     raise ConversionError(f"{hf_dir} has no weights (model.safetensors, pytorch_model.bin or a "
                           f"sharded index)")
+
+
+def _shard_files(index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names, each checked to be a file beside it (a name with
+    ``..``, a path or a link out of the folder is refused: the index must not read elsewhere)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(names)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ConversionError(f"{index} is not a shard index (a JSON object with a weight_map of "
+                              f"tensor -> file names)") from None
+    folder = index.parent.resolve()
+    shards = []
+    for name in names:
+        shard = (index.parent / name).resolve()
+        if Path(name).is_absolute() or shard.parent != folder:
+            raise ConversionError(f"{index} names the shard {name!r}, which is not a file beside it; "
+                                  f"a shard index may only name files in its own folder")
+        if not shard.is_file():
+            raise ConversionError(f"{index} names the shard {name}, which is missing from {index.parent}")
+        shards.append(shard)
+    return shards
 
 
 def _normalise_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -338,7 +363,7 @@ def warm_start(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer:
     tokens) and every embedding row keeps its id; a sentencepiece ``tokenizer`` re-maps the rows
     onto its pieces instead (see the module docstring)."""
     hf_dir = Path(hf_dir)
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, {"the source model": hf_dir, "the tokenizer": tokenizer})
     if positions not in POSITION_METHODS:
         raise ConversionError(f"positions={positions!r} is unknown; choose one of {', '.join(POSITION_METHODS)}")
     if not 0.0 <= min_vocab_coverage <= 1.0:

@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -119,8 +119,14 @@ def _check_no_aliases(state: dict[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail before any work when ``out_dir`` exists (non-empty) and may not be replaced."""
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool,
+                     inputs: Optional[Mapping[str, Optional[str | os.PathLike]]] = None) -> Path:
+    """Fail before any work when ``out_dir`` exists (non-empty) and may not be replaced, or when it
+    equals, contains or sits inside one of ``inputs`` (``{description: path}``): even with
+    ``overwrite``, an output never replaces what is being read."""
+    from linformer_train.paths import check_output_apart
+
+    check_output_apart(out_dir, inputs or {}, "output directory")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConversionError(f"output {out} exists and is not a directory; choose another path")
@@ -311,12 +317,33 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
         raise ConversionError(f"{cfg_file}: {exc}") from None
 
 
-def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of ``model.safetensors``, as stored (fp32 or bf16)."""
+def header_shapes(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Keys and shapes of ``model.safetensors`` from its header alone (no tensor is read), as
+    meta tensors: what a shape check needs before a byte of weights is loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ConversionError(f"{path} has no {WEIGHTS_FILE}; export the model again")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise ConversionError(f"{weights} cannot be read ({str(exc).splitlines()[0]}); the file is "
+                              f"damaged, export the model again") from None
+
+
+def load_state(path: str | os.PathLike, expected: Optional[dict[str, torch.Size]] = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors``, as stored (fp32 or bf16). With ``expected``, keys and
+    shapes are checked from the header first, so a file with an unexpected (or huge) tensor is
+    refused before anything is read."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     weights = Path(path) / WEIGHTS_FILE
+    if expected is not None:
+        check_state_dict(expected, header_shapes(path), str(weights),
+                         "the directory is inconsistent; export it again")
     if not weights.is_file():
         raise ConversionError(f"{path} has no {WEIGHTS_FILE}; export the model again")
     try:
@@ -373,7 +400,12 @@ def from_pretrained(path: str | os.PathLike, architecture: Optional[str] = None,
             raise ConversionError(f"model fields {sorted(bad)} cannot change when loading weights; "
                                   f"only {sorted(allowed)} can (resize n or k with tools/convert.py resize)")
         cfg = config_from_dict({"model": {**to_dict_model(cfg), **model_overrides}}).model
-    state = load_state(path)
+    saved_cfg = cfg
+    if saved == "classification":
+        saved_cfg = config_from_dict({"model": {**to_dict_model(cfg), "num_labels": len(info.get("labels") or [0, 1])}}).model
+    with torch.device("meta"):  # the saved model's keys and shapes, without allocating it
+        stored = expected_shapes(build_model(saved_cfg, saved))
+    state = load_state(path, expected=stored)
     fix = "the directory is inconsistent; export it again"
     if saved == "classification" and want == "mlm":
         raise ConversionError(f"{path} holds a fine-tuned classifier: it has no MLM head to load")

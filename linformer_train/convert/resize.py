@@ -177,7 +177,7 @@ def resize_model(model: nn.Module, max_seq_len: int, k: Any = None, positions: s
 def resize_model_dir(src: str | os.PathLike, out_dir: str | os.PathLike, max_seq_len: int,
                      k: Any = None, positions: str = "interpolate", projection_scaling: str = "norm",
                      dtype: Optional[str] = None, overwrite: bool = False, seed: int = 0):
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, {"the source model": src})
     info = load_model_info(src)
     model = from_pretrained(src)
     old = model.cfg

@@ -34,8 +34,15 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 MAX_DOCUMENT_CHARS = 1_000_000
-"""A longer plain-text document is cut at a line boundary, so one file without blank lines never
-has to sit in memory whole."""
+"""A longer document is cut (plain text at a line boundary, any other at a space), so neither one
+file without blank lines nor one huge record has to be tokenized whole."""
+READ_PIECE_BYTES = 1 << 18
+"""Plain-text files are read at most this many bytes at a time: a 100 MB line costs 256 KB."""
+MIN_BAD_CHARS = 16
+"""A file is judged not UTF-8 only once this many bad characters were seen (a few stray bytes in a
+big UTF-8 file are replaced and counted, never fatal)."""
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32-LE"), (b"\x00\x00\xfe\xff", "UTF-32-BE"),
+         (b"\xff\xfe", "UTF-16-LE"), (b"\xfe\xff", "UTF-16-BE"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,14 +119,18 @@ class Source:
         raise NotImplementedError
 
     def documents(self) -> Iterator[str]:
-        """Every document once, in a fixed order, stopping at max_documents; resets the stats."""
+        """Every document once, in a fixed order, stopping at max_documents; resets the stats. A
+        document longer than MAX_DOCUMENT_CHARS comes as several (counted as split_documents)."""
         self.stats = SourceStats()
-        for doc in self._documents():
-            self.stats.documents += 1
-            self.stats.characters += len(doc)
-            yield doc
-            if self.max_documents is not None and self.stats.documents >= self.max_documents:
-                return
+        for whole in self._documents():
+            for doc in cut_text(whole):
+                if len(doc) < len(whole):
+                    self.stats.note("split_documents", f"document {self.stats.documents + 1}")
+                self.stats.documents += 1
+                self.stats.characters += len(doc)
+                yield doc
+                if self.max_documents is not None and self.stats.documents >= self.max_documents:
+                    return
 
     def as_dataset(self) -> Optional["datasets.Dataset"]:
         """A map-style ``datasets.Dataset`` with a ``text`` column when the source already is one
@@ -127,12 +138,27 @@ class Source:
         return None
 
 
+def cut_text(doc: str, limit: Optional[int] = None) -> Iterator[str]:
+    """``doc`` cut into pieces of at most ``limit`` characters (MAX_DOCUMENT_CHARS by default), at
+    the last newline or space before the limit where there is one."""
+    limit = limit or MAX_DOCUMENT_CHARS
+    start = 0
+    while len(doc) - start > limit:
+        end = start + limit
+        cut = max(doc.rfind("\n", start + limit // 2, end), doc.rfind(" ", start + limit // 2, end))
+        end = cut + 1 if cut > start else end
+        yield doc[start:end]
+        start = end
+    yield doc[start:] if start else doc
+
+
 def build_source(cfg: "DataConfig") -> Source:
     """The source named by ``data.source``."""
     if cfg.source == "builtin":
         return BuiltinSource(cfg.max_documents)
     if cfg.source == "files":
-        return FileSource(cfg.paths, cfg.format, cfg.text_column, cfg.text_split, cfg.max_documents)
+        return FileSource(cfg.paths, cfg.format, cfg.text_column, cfg.text_split, cfg.max_documents,
+                          cfg.max_bad_char_fraction)
     if cfg.source == "hf":
         return HFSource(cfg.hf_name, cfg.hf_config, cfg.hf_split, cfg.streaming, cfg.paths,
                         cfg.text_column, cfg.max_documents)
@@ -291,51 +317,127 @@ def file_format(path: Path, fmt: str) -> str:
     return "text"
 
 
-def _decoded_lines(path: Path, stats: SourceStats) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file (gzip by suffix); undecodable bytes become U+FFFD."""
+class _TextCheck:
+    """Counts a file's undecodable and NUL characters; refuses the file once they are too many."""
+
+    def __init__(self, path: Path, max_fraction: float):
+        self.path, self.max_fraction = path, max_fraction
+        self.total = self.bad = self.nul = 0
+
+    def add(self, text: str) -> None:
+        self.total += len(text)
+        nul, bad = text.count("\x00"), text.count("\ufffd")
+        self.nul += nul
+        self.bad += bad + nul
+        if self.total >= 1 << 16:  # judged early on a big file, on a fair sample of it
+            self.check()
+
+    def check(self) -> None:
+        if self.bad >= MIN_BAD_CHARS and self.bad > self.max_fraction * self.total and self.max_fraction < 1.0:
+            looks = ("UTF-16 text or binary data" if self.nul * 2 >= self.bad
+                     else "another encoding (Latin-1, Windows-1252 ...) or binary data")
+            raise DataError(
+                f"{self.path}: {self.bad:,} of the first {self.total:,} characters are undecodable bytes or "
+                f"NUL ({self.bad / self.total:.1%}); it is not UTF-8 text but looks like {looks}: convert "
+                f"it to UTF-8 (iconv -t UTF-8), leave it out of data.paths, or read it anyway with "
+                f"data.max_bad_char_fraction=1")
+
+
+def _decoded_lines(path: Path, stats: SourceStats, max_bad_fraction: float = 1.0) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file (gzip by suffix); undecodable bytes become U+FFFD. A line
+    longer than READ_PIECE_BYTES comes in pieces (same line number), so memory stays bounded. A file
+    with a UTF-16/32 byte-order mark, or with too many undecodable or NUL characters, is refused."""
+    import codecs
+
     opener = gzip.open if path.suffix.lower() == ".gz" else open
+    check = _TextCheck(path, max_bad_fraction)
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    line = raw.decode("utf-8", "replace")
+            head = f.read(4)
+            for bom, name in _BOMS:
+                if head.startswith(bom) and max_bad_fraction < 1.0:
+                    raise DataError(f"{path} is {name} text (its first bytes are the {name} byte-order mark); "
+                                    f"convert it to UTF-8 (iconv -f {name} -t UTF-8) or leave it out of "
+                                    f"data.paths")
+            f.seek(0)
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            lineno, first, noted = 1, True, False
+            while raw := f.readline(READ_PIECE_BYTES):
+                ends = raw.endswith(b"\n")
+                line = decoder.decode(raw, final=ends)
+                if "\ufffd" in line and not noted:
                     stats.note("undecodable_lines", f"{path}:{lineno}")
-                if lineno == 1 and line.startswith("\ufeff"):
+                    noted = True
+                if first and line.startswith("\ufeff"):
                     line = line[1:]
+                first = False
+                check.add(line)
                 yield lineno, line
+                if ends:
+                    lineno, noted = lineno + 1, False
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                check.add(tail)
+            check.check()
+            if tail:
+                yield lineno, tail
     except (OSError, EOFError) as exc:  # a truncated or fake .gz, a permission problem
         raise DataError(f"{path} cannot be read ({_first_line(exc)}); fix or remove the file") from None
 
 
-def _text_documents(path: Path, split: str, stats: SourceStats) -> Iterator[str]:
-    if split == "line":
-        for _, line in _decoded_lines(path, stats):
-            if line := line.strip():
-                yield line
-        return
+def _whole_lines(path: Path, stats: SourceStats, max_bad_fraction: float) -> Iterator[tuple[int, str]]:
+    """Like _decoded_lines, with a long line's pieces joined again (a JSON record must parse whole)."""
+    parts: list[str] = []
+    current = 0
+    for lineno, piece in _decoded_lines(path, stats, max_bad_fraction):
+        if lineno != current and parts:
+            yield current, "".join(parts)
+            parts = []
+        current = lineno
+        parts.append(piece)
+    if parts:
+        yield current, "".join(parts)
+
+
+def _text_documents(path: Path, split: str, stats: SourceStats, max_bad_fraction: float = 1.0) -> Iterator[str]:
+    """Documents of a plain-text file: blocks between blank lines (``blank_line``) or single lines
+    (``line``); either is cut at a line (or read-piece) boundary before it passes MAX_DOCUMENT_CHARS."""
     lines: list[str] = []
-    size = 0
-    for lineno, line in _decoded_lines(path, stats):
-        line = line.rstrip()
-        if line.strip():
-            lines.append(line)
-            size += len(line) + 1
-            if size >= MAX_DOCUMENT_CHARS:
+    size, previous = 0, 0
+
+    def flush():
+        nonlocal lines, size
+        doc = "\n".join(lines).strip() if split == "line" else "\n".join(lines)
+        lines, size = [], 0
+        return doc
+
+    for lineno, line in _decoded_lines(path, stats, max_bad_fraction):
+        continued = lineno == previous and bool(lines)  # the next piece of a line longer than a read
+        previous = lineno
+        line = line.rstrip("\r\n") if continued else line.rstrip()
+        if split == "line" and not continued and lines:
+            if doc := flush():
+                yield doc
+        if line.strip() or (continued and line):
+            if lines and size + len(line) + 1 > MAX_DOCUMENT_CHARS:  # cut before it grows too long
                 stats.note("split_documents", f"{path}:{lineno}")
-                yield "\n".join(lines)
-                lines, size = [], 0
-        elif lines:
-            yield "\n".join(lines)
-            lines, size = [], 0
-    if lines:
-        yield "\n".join(lines)
+                if doc := flush():
+                    yield doc
+                continued = False
+            if continued:
+                lines[-1] += line
+            else:
+                lines.append(line)
+            size += len(line) + 1
+        elif lines and split != "line":
+            yield flush()
+    if lines and (doc := flush()):
+        yield doc
 
 
-def _jsonl_documents(path: Path, column: str, stats: SourceStats) -> Iterator[str]:
+def _jsonl_documents(path: Path, column: str, stats: SourceStats, max_bad_fraction: float = 1.0) -> Iterator[str]:
     seen_column = False
-    for lineno, line in _decoded_lines(path, stats):
+    for lineno, line in _whole_lines(path, stats, max_bad_fraction):
         if not line.strip():
             continue
         try:
@@ -392,8 +494,10 @@ class FileSource(Source):
     kind = "files"
 
     def __init__(self, paths: Iterable[str], fmt: str = "auto", text_column: str = "text",
-                 text_split: str = "blank_line", max_documents: Optional[int] = None):
+                 text_split: str = "blank_line", max_documents: Optional[int] = None,
+                 max_bad_char_fraction: float = 0.01):
         super().__init__(max_documents)
+        self.max_bad_char_fraction = max_bad_char_fraction
         if not list(paths):
             raise DataError("data.paths is empty; list files, globs or directories of text")
         self.files = resolve_files(paths)
@@ -414,11 +518,11 @@ class FileSource(Source):
             self.stats.files += 1
             fmt = file_format(path, self.format)
             if fmt == "jsonl":
-                docs = _jsonl_documents(path, self.text_column, self.stats)
+                docs = _jsonl_documents(path, self.text_column, self.stats, self.max_bad_char_fraction)
             elif fmt == "parquet":
                 docs = _parquet_documents(path, self.text_column, self.stats)
             else:
-                docs = _text_documents(path, self.text_split, self.stats)
+                docs = _text_documents(path, self.text_split, self.stats, self.max_bad_char_fraction)
             empty = True
             for doc in docs:
                 empty = False

@@ -289,8 +289,13 @@ def _prepare_on_rank0(data: "DataConfig", model: "ModelConfig", run_dir: Path, r
     error: Optional[BaseException] = None
     if rank == 0:
         try:
-            result[0] = str(ensure_prepared(data, model.max_seq_len, run_dir, model.vocab_size))
+            result[0] = str(ensure_prepared(data, model.max_seq_len, run_dir, model.vocab_size,
+                                            reserved=(run_dir,)))
         except BaseException as exc:  # tell the other ranks before raising, or they wait forever
+            if isinstance(exc, OSError):  # a full disk or read-only folder: one line, not a trace
+                where = f" ({exc.filename})" if exc.filename else ""
+                exc = DataError(f"preparing the data failed writing{where}: {exc.strerror or exc}; free space "
+                                f"or set data.prepared_dir to a writable folder")
             error = exc
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             result[0] = DataError(f"rank 0 could not prepare the data: {first}")
@@ -299,7 +304,7 @@ def _prepare_on_rank0(data: "DataConfig", model: "ModelConfig", run_dir: Path, r
 
         dist.broadcast_object_list(result, src=0)
     if error is not None:
-        raise error
+        raise error from None
     if isinstance(result[0], BaseException):
         raise result[0]
     return Path(result[0])

@@ -69,29 +69,64 @@ CHUNK_BYTES = 128 << 20
 
 
 class BlockSet:
-    """Memory-mapped blocks of one split: ``len()``, ``[i] -> (n,)`` array, ``take(idx) -> (B, n)``."""
+    """Blocks of one split, read from disk on demand: ``len()``, ``[i] -> (n,)``, ``take(idx) -> (B, n)``.
+
+    Reads use ``pread`` rather than a memory map: a file truncated or rewritten under a running job
+    (another process, a full disk) then gives a short read and a DataError naming the file, where a
+    map would kill the process with SIGBUS and no message. The page cache serves repeated reads."""
 
     def __init__(self, path: str | os.PathLike, seq_len: int, dtype: str, num_blocks: int):
         self.path, self.seq_len, self.dtype, self.num_blocks = Path(path), seq_len, dtype, num_blocks
-        self.tokens = np.memmap(self.path, dtype=dtype, mode="r", shape=(num_blocks, seq_len))
+        self.row_bytes = seq_len * np.dtype(dtype).itemsize
+        self._fd: Optional[int] = None
+        self._pid = -1
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked loader worker opens its own
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
 
     def __len__(self) -> int:
         return self.num_blocks
 
+    def _read(self, i: int, out: np.ndarray) -> None:
+        view = memoryview(out).cast("B")
+        got = os.preadv(self._file(), [view], i * self.row_bytes)
+        if got != self.row_bytes:
+            size = os.fstat(self._file()).st_size
+            raise DataError(f"{self.path} ends after {size:,} bytes, but block {i} needs bytes up to "
+                            f"{(i + 1) * self.row_bytes:,}: the file was truncated or replaced while in use; "
+                            f"restore it (or prepare the data again) and resume")
+
     def __getitem__(self, i: int) -> np.ndarray:
         if not -self.num_blocks <= i < self.num_blocks:
             raise IndexError(f"block {i} out of range for {self.num_blocks} blocks in {self.path}")
-        return np.asarray(self.tokens[i])  # (n,) view on the map, no copy
+        out = np.empty(self.seq_len, dtype=self.dtype)
+        self._read(i % self.num_blocks, out)
+        return out
 
     def take(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Blocks at ``indices`` as one (len(indices), n) array (a copy)."""
-        return np.asarray(self.tokens[np.asarray(indices, dtype=np.int64)])
+        """Blocks at ``indices`` as one (len(indices), n) array."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.seq_len), dtype=self.dtype)
+        for row, i in enumerate(indices):
+            if not 0 <= i < self.num_blocks:
+                raise IndexError(f"block {i} out of range for {self.num_blocks} blocks in {self.path}")
+            self._read(int(i), out[row])
+        return out
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(self.num_blocks))
 
-    def __reduce__(self):  # re-open the map in another process instead of pickling the tokens
+    def __reduce__(self):  # re-open the file in another process instead of pickling the tokens
         return (BlockSet, (self.path, self.seq_len, self.dtype, self.num_blocks))
+
+    def __del__(self):
+        if self._fd is not None and self._pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
 
     def __repr__(self) -> str:
         return f"BlockSet({self.path}, blocks={self.num_blocks}, n={self.seq_len}, dtype={self.dtype})"
@@ -221,7 +256,9 @@ class Packer:
     """Documents in, two .bin files of exactly-n blocks out (see the module docstring)."""
 
     def __init__(self, out_dir: Path, seq_len: int, dtype: np.dtype, validation_fraction: float,
-                 seed: int = SPLIT_SEED, bos_id: int = BOS_ID, eos_id: int = EOS_ID):
+                 seed: int = SPLIT_SEED, allow_uneven_split: bool = False, bos_id: int = BOS_ID,
+                 eos_id: int = EOS_ID):
+        self.allow_uneven_split = allow_uneven_split
         self.eos_id = eos_id  # the tokenizer's own start/end tokens ([CLS]/[SEP] for a BERT tokenizer)
         if seq_len < 2:
             raise DataError(f"model.max_seq_len={seq_len} is too short: a block holds <s> and at least one token")
@@ -270,6 +307,17 @@ class Packer:
                 f_val.write(f_train.read(size))
                 f_train.truncate((train.blocks - 1) * size)
             train.blocks, val.blocks, moved = train.blocks - 1, 1, 1
+        blocks = train.blocks + val.blocks
+        uneven = blocks >= 2 and (train.blocks == 0 or val.blocks / blocks > self.fraction + 0.25)
+        if uneven and (train.blocks == 0 or not self.allow_uneven_split):
+            for w in self.writers.values():
+                w.path.unlink(missing_ok=True)
+            knob = "" if train.blocks == 0 else ", or accept it with data.allow_uneven_split=true"
+            raise DataError(f"{describe}: splitting by document put {val.blocks:,} of {blocks:,} blocks "
+                            f"({val.blocks / blocks:.0%}) in validation for data.validation_fraction="
+                            f"{self.fraction:g}; its {self.documents - self.empty_documents:,} document(s) are "
+                            f"too few or too unequal to split by document: use more, shorter documents "
+                            f"(data.text_split=line makes one per line){knob}")
         if train.blocks == 0 or val.blocks == 0:
             for w in self.writers.values():
                 w.path.unlink(missing_ok=True)
@@ -433,7 +481,8 @@ def _tokenize_and_pack(source: Source, tok: Tokenizer, cfg: "DataConfig", seq_le
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     timings: dict[str, float] = {}
-    packer = Packer(out_dir, seq_len, dtype, cfg.validation_fraction, bos_id=tok.special_ids["bos"],
+    packer = Packer(out_dir, seq_len, dtype, cfg.validation_fraction,
+                    allow_uneven_split=cfg.allow_uneven_split, bos_id=tok.special_ids["bos"],
                     eos_id=tok.special_ids["eos"])
     try:
         ds = source.as_dataset()
@@ -521,18 +570,32 @@ def _locked(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _refuse_own_outputs(source: Source, folders: dict[str, str | os.PathLike]) -> None:
+    """A ``data.paths`` pattern that reaches into the run's own folders would train on checkpoints,
+    logs and packed blocks (and change under itself): refuse it, naming the first such file."""
+    from linformer_train.paths import overlap
+
+    for path in getattr(source, "files", ()):
+        for name, folder in folders.items():
+            if overlap(path, folder) in ("is", "is inside"):
+                raise DataError(f"data.paths matches {path}, inside {name} {folder}: the run would read its "
+                                f"own output; narrow the pattern or move the corpus out of {folder}")
+
+
 def ensure_prepared(cfg: "DataConfig", seq_len: int, run_dir: str | os.PathLike, vocab_size: int,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, reserved: Sequence[str | os.PathLike] = ()) -> Path:
     """Prepare ``data`` for blocks of ``seq_len`` tokens, or reuse an identical earlier preparation.
 
     Trains the tokenizer when ``data.tokenizer`` is unset or missing (vocabulary
     ``data.tokenizer_vocab_size`` or ``vocab_size``), tokenizes, packs, splits and writes the manifest.
     Identical inputs (source fingerprint, n, validation fraction, tokenizer sha256) reuse the set; a
     directory prepared from other inputs is refused, naming the first difference, unless
-    ``overwrite``. Call it on one rank; returns the prepared directory.
+    ``overwrite``. A ``data.paths`` file inside the prepared folder or a ``reserved`` one (the run
+    folder of a training run) is refused. Call it on one rank; returns the prepared directory.
     """
     out = prepared_dir_for(cfg, run_dir)
     source = build_source(cfg)
+    _refuse_own_outputs(source, {"the prepared-data folder": out, **{"the run folder": r for r in reserved}})
     train_vocab = int(cfg.tokenizer_vocab_size or vocab_size)
     with _locked(out):
         manifest = _read_manifest(out)
@@ -543,10 +606,12 @@ def ensure_prepared(cfg: "DataConfig", seq_len: int, run_dir: str | os.PathLike,
                             f"--overwrite, or set data.prepared_dir to another directory")
         t0 = time.perf_counter()
         if retrain:
-            log.info("training a %s tokenizer (%d pieces) on %s: %s", cfg.tokenizer_type, train_vocab,
-                     source.description, retrain)
+            log.info("tokenizer: training a %s tokenizer of %s pieces on %s (%s) ...", cfg.tokenizer_type,
+                     f"{train_vocab:,}", source.description, retrain)
             train_tokenizer(cfg, tok_path, train_vocab, source=source)
         tok_seconds = time.perf_counter() - t0
+        if retrain:
+            log.info("tokenizer: trained in %.1f s -> %s", tok_seconds, tok_path)
         tok = load_tokenizer(tok_path)
         if tok.vocab_size > vocab_size:
             raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but model.vocab_size="
@@ -559,8 +624,7 @@ def ensure_prepared(cfg: "DataConfig", seq_len: int, run_dir: str | os.PathLike,
         if manifest is not None:
             if manifest.get("inputs") == inputs:
                 open_prepared(out, seq_len, tok.sha256)  # files intact?
-                log.info("reusing prepared data in %s (%s blocks of n=%d)", out,
-                         manifest["splits"]["train"]["blocks"], seq_len)
+                log.info("data: reusing the set prepared in %s (same source, n and tokenizer)", out)
                 return out
             if not overwrite:
                 raise DataError(f"{out} holds data prepared from other inputs "
@@ -568,7 +632,7 @@ def ensure_prepared(cfg: "DataConfig", seq_len: int, run_dir: str | os.PathLike,
                                 f"prepare with --overwrite, or set data.prepared_dir to another directory")
         for name in (MANIFEST_FILE, "train.bin", "validation.bin"):
             (out / name).unlink(missing_ok=True)
-        log.info("preparing %s -> %s (n=%d)", source.description, out, seq_len)
+        log.info("data: tokenizing and packing %s into blocks of n=%d -> %s ...", source.description, seq_len, out)
         t0 = time.perf_counter()
         counts = _tokenize_and_pack(source, tok, cfg, seq_len, out, hashlib.sha256(
             json.dumps(inputs, sort_keys=True).encode()).hexdigest())
@@ -597,6 +661,9 @@ def ensure_prepared(cfg: "DataConfig", seq_len: int, run_dir: str | os.PathLike,
         tmp = out / (MANIFEST_FILE + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         tmp.replace(out / MANIFEST_FILE)
+        log.info("data: packed %s tokens into %s train / %s validation blocks in %.1f s",
+                 f"{counts['tokens']['documents']:,}", f"{counts['splits']['train']['blocks']:,}",
+                 f"{counts['splits']['validation']['blocks']:,}", seconds)
         return out
 
 

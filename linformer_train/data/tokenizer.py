@@ -321,13 +321,19 @@ def training_spec(cfg: "DataConfig", vocab_size: int) -> dict:
 
 
 def _sentences(documents: Iterator[str], counter: list[int]) -> Iterator[str]:
-    """Lines of every document (sentencepiece trains on lines); counts them in counter[0]."""
+    """Lines of every document (sentencepiece trains on lines), a line longer than sentencepiece
+    takes cut at spaces (it would drop it: a corpus of one huge line would train on nothing);
+    counts them in counter[0]."""
+    from linformer_train.data.corpus import cut_text
+
     for doc in documents:
         for line in doc.splitlines():
             line = line.strip()
-            if line:
+            if not line:
+                continue
+            for piece in cut_text(line, MAX_SENTENCE_BYTES // 4) if len(line) > MAX_SENTENCE_BYTES // 4 else (line,):
                 counter[0] += 1
-                yield line
+                yield piece
 
 
 def train_tokenizer(cfg: "DataConfig", out_dir: str | os.PathLike, vocab_size: int,

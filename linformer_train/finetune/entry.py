@@ -53,11 +53,12 @@ def finetune(argv: Sequence[str]) -> int:
 
     cfg = load_finetune_config(args.config, args.overrides)
 
-    from linformer_train.finetune.loop import prepare_task, run_finetune
+    from linformer_train.finetune.loop import check_output_apart_from_inputs, prepare_task, run_finetune
     from linformer_train.train.distributed import destroy_distributed, init_distributed
 
     # every rank reads and checks the data before any process group exists: a bad input is one
     # line from each rank, and nobody waits at a barrier for a rank that failed
+    check_output_apart_from_inputs(cfg)
     prep = prepare_task(cfg)
     init_distributed()
     try:

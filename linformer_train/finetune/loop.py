@@ -341,11 +341,22 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
+def check_output_apart_from_inputs(cfg: FinetuneConfig) -> None:
+    """train.output_dir may not be, contain or sit inside the pretrained model or the data files."""
+    from linformer_train.paths import check_output_apart
+
+    pretrained = cfg.model.pretrained if cfg.model.pretrained not in ("", RANDOM_INIT) else None
+    check_output_apart(cfg.train.output_dir, {"the pretrained model": pretrained, "the training file":
+                                              cfg.task.train_file, "the evaluation file": cfg.task.eval_file},
+                       "train.output_dir")
+
+
 def run_finetune(cfg: FinetuneConfig, prep: Optional[PreparedTask] = None) -> dict:
     """Every seed of ``cfg`` on the initialised process group; returns (and on rank 0 writes to
     ``output_dir/results.json``) the summary."""
     from omegaconf import OmegaConf
 
+    check_output_apart_from_inputs(cfg)
     prep = prep or prepare_task(cfg)
     out = Path(cfg.train.output_dir)
     rank = dist.get_rank()

@@ -69,6 +69,9 @@ def predict_file(model_dir: str | os.PathLike, input_path: str | os.PathLike,
     """Write one predicted label per input to ``output_path``; returns the number of inputs.
     ``long_inputs`` None: as the model was fine-tuned (truncate unless it trained on windows)."""
     from linformer_train.data.tokenizer import load_tokenizer
+    from linformer_train.paths import check_output_apart
+
+    check_output_apart(output_path, {"the input": input_path, "the model": model_dir}, "--output")
 
     info = load_model_info(model_dir)
     if info["architecture"] != "classification":

@@ -36,6 +36,12 @@ def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def tag_step(name: str) -> Optional[int]:
+    """The step of a ``step_XXXXXXXX`` folder name, None for anything else."""
+    digits = name[len("step_"):]
+    return int(digits) if name.startswith("step_") and digits.isdigit() else None
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -124,7 +130,7 @@ class CheckpointManager:
                 ) from None
         _barrier()
         state = dict(client_state)
-        # lets `python -m deepspeed.checkpoint.ds_to_universal` convert ZeRO-1/2 checkpoints too
+        # lets DeepSpeed's ds_to_universal (tools/convert.py universal) convert ZeRO-1/2 checkpoints too
         state.setdefault("universal_checkpoint_info", {"universal_checkpoint_version": 0.2})
         try:
             engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=state, save_latest=False)
@@ -145,10 +151,12 @@ class CheckpointManager:
             try:
                 _write_atomic(tmp / COMPLETE, json.dumps(meta, indent=1))
                 self.on_stage("before_rename")
-                if final.exists():  # the same step saved again (e.g. end right after a periodic save)
-                    shutil.rmtree(tmp)
-                else:
-                    os.replace(tmp, final)
+                if final.exists():  # a folder of this step from another history: never kept over ours
+                    from linformer_train.train.run_dir import set_aside
+
+                    self._note(f"note: {final} already existed (another history of this step); moved it "
+                               f"to {set_aside(self.root, [final])}")
+                os.replace(tmp, final)
                 _fsync_dir(self.root)
                 self.on_stage("before_latest")
                 _write_atomic(self.root / LATEST, tag)
@@ -161,6 +169,10 @@ class CheckpointManager:
         _barrier()
         self.on_stage("done")
         return final
+
+    def _note(self, line: str) -> None:
+        if self.rank == 0:
+            print(line, flush=True)
 
     def _prune(self) -> None:
         complete = self.complete_checkpoints()
@@ -177,7 +189,28 @@ class CheckpointManager:
         return sorted(p for p in self.root.glob("step_*") if p.is_dir() and (p / COMPLETE).is_file())
 
     def latest(self) -> Optional[Path]:
-        """The checkpoint ``latest`` names, verified; None when there is no pointer at all."""
+        """The checkpoint to resume from: the one ``latest`` names, verified, or a newer complete one
+        (a save killed between its rename and the pointer); without a pointer, the newest complete
+        one. None when there is none at all."""
+        named = self._pointer_target()
+        newer = [p for p in self.complete_checkpoints()
+                 if named is None or (tag_step(p.name) or -1) > (tag_step(named.name) or -1)]
+        for candidate in reversed(newer):
+            try:
+                verify_checkpoint(candidate)
+            except CheckpointError as exc:
+                self._note(f"note: skipping {candidate.name}: {exc}")
+                continue
+            if named is not None:
+                self._note(f"note: {self.root / LATEST} names {named.name}, but {candidate.name} is complete "
+                           f"and newer (its save ended before the pointer was written); using {candidate.name}")
+            return candidate
+        if named is not None:
+            verify_checkpoint(named)
+        return named
+
+    def _pointer_target(self) -> Optional[Path]:
+        """The folder ``latest`` names (checked to be a plain name beside it), None without one."""
         pointer = self.root / LATEST
         if not pointer.exists():
             return None
@@ -195,9 +228,7 @@ class CheckpointManager:
                 f"{pointer} holds {tag[:80]!r}, not the name of a checkpoint folder beside it; name a "
                 f"checkpoint with checkpoint.resume=<dir> or delete the file"
             )
-        path = self.root / tag
-        verify_checkpoint(path)
-        return path
+        return self.root / tag
 
     def resolve_resume(self, resume: str) -> Optional[Path]:
         """``none`` -> None; ``auto`` -> the latest complete checkpoint or None when the run has
@@ -251,9 +282,9 @@ def check_world_size(path: Path, world_size: int) -> None:
     if saved is not None and saved != world_size and partitioned:
         raise CheckpointError(
             f"checkpoint {path} holds ZeRO optimizer state partitioned over {saved} ranks but this job "
-            f"has {world_size}; resume on {saved} ranks, or convert it with `python -m "
-            f"deepspeed.checkpoint.ds_to_universal --input_folder {path} --output_folder {path}_universal` "
-            f"and resume with checkpoint.resume={path}_universal checkpoint.universal=true"
+            f"has {world_size}; resume on {saved} ranks, or convert it with `python tools/convert.py "
+            f"universal {path} {path}_universal` and resume with checkpoint.resume={path}_universal "
+            f"checkpoint.universal=true"
         )
 
 
@@ -274,11 +305,15 @@ def unreadable_reason(exc: BaseException) -> Optional[str]:
 def read_client_state(path: Path) -> dict:
     """The client state a checkpoint was saved with (step, config...), read before anything is built:
     the model-states file is memory-mapped, so its tensors are not read."""
+    from linformer_train import serialization
+
     files = sorted(path.glob("*mp_rank_00_model_states.pt"))
     if not files:
         return {}
     try:
-        state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)
+        state = serialization.load(files[0], mmap=True)
+    except serialization.UnsafeFileError:
+        raise
     except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised
         reason = unreadable_reason(exc)
         if reason is None:
@@ -288,17 +323,22 @@ def read_client_state(path: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def verify_contents(path: Path, rank: int) -> None:
-    """Check the CRC-32 that torch's zip format stores for every record of the files this rank will
-    load (the shared model states, its own ZeRO shard and rank state): a damaged byte inside a
-    tensor keeps the size right and would otherwise load silently. Costs one read of those files."""
+def verify_contents(path: Path, rank: Optional[int]) -> None:
+    """Check the CRC-32 that torch's zip format stores for every record of the files a rank will
+    load (the shared model states, its own ZeRO shard and rank state; every file when ``rank`` is
+    None): a damaged byte inside a tensor keeps the size right and would otherwise load silently.
+    Costs one read of those files. Then refuse any file whose pickle names something other than
+    tensors and plain data (all files, on every rank: reading a pickle record is cheap, and every
+    rank must reach the same verdict before anyone loads)."""
     import zipfile
 
+    from linformer_train.serialization import check_loadable
+
     own = f"zero_pp_rank_{rank}_"
-    for f in sorted(path.glob("*.pt")):
-        if f.name.startswith("rank_state_") and f.name != f"rank_state_{rank:05d}.pt":
+    for f in sorted(path.rglob("*.pt")):
+        if rank is not None and f.name.startswith("rank_state_") and f.name != f"rank_state_{rank:05d}.pt":
             continue
-        if "zero_pp_rank_" in f.name and own not in f.name:
+        if rank is not None and "zero_pp_rank_" in f.name and own not in f.name:
             continue
         try:
             with zipfile.ZipFile(f) as archive:
@@ -306,5 +346,35 @@ def verify_contents(path: Path, rank: int) -> None:
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             bad = f"the archive itself ({exc})"
         if bad is not None:
-            raise CheckpointError(f"checkpoint {path}: {f.name} is corrupt ({bad} fails its CRC check); "
-                                  f"resume from an earlier one")
+            raise CheckpointError(f"checkpoint {path}: {f.relative_to(path)} is corrupt ({bad} fails its CRC "
+                                  f"check); resume from an earlier one")
+    for f in sorted(path.rglob("*.pt")):
+        check_loadable(f)
+
+
+def verify_universal(path: Path) -> None:
+    """A universal checkpoint (``tools/convert.py universal``) has no size record of ours; refuse
+    any of its files whose pickle holds more than tensors and plain data."""
+    from linformer_train.serialization import check_loadable
+
+    files = sorted(path.rglob("*.pt"))
+    if not files:
+        raise CheckpointError(f"{path} holds no checkpoint files; convert one with `tools/convert.py universal`")
+    for f in files:
+        check_loadable(f)
+
+
+def last_good_checkpoint(root: Path) -> Optional[Path]:
+    """The newest checkpoint under ``root`` whose every file (all ranks') is present, of the recorded
+    size, passes its CRC and holds only tensors and plain data; None when none does. Reads them all:
+    for messages after a failure, not for the start of a run."""
+    from linformer_train.serialization import UnsafeFileError
+
+    for candidate in reversed(CheckpointManager(root, keep_last=1).complete_checkpoints()):
+        try:
+            verify_checkpoint(candidate)
+            verify_contents(candidate, rank=None)
+        except (CheckpointError, UnsafeFileError):
+            continue
+        return candidate
+    return None

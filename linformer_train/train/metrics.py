@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from linformer_train.train.run_dir import write_failure
+
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
     """Achieved matmul TFLOP/s on this device and dtype: the denominator of MFU when the config
@@ -51,19 +53,25 @@ class MetricsLogger:
     """``should_log(step)`` and ``log(metrics, step)``; only rank 0 writes anything."""
 
     def __init__(self, run_dir: str | Path, log_every: int, tensorboard: bool, enabled: bool,
-                 max_steps: int):
+                 max_steps: int, purge_step: Optional[int] = None):
         self.log_every = log_every
         self.enabled = enabled
         self.max_steps = max_steps
         self.writer = None
         self.jsonl = None
+        self.failed = False
+        self.path = Path(run_dir) / "metrics.jsonl"
         if enabled:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # machine-readable history
+            try:
+                Path(run_dir).mkdir(parents=True, exist_ok=True)
+                self.jsonl = open(self.path, "a")  # machine-readable history
+            except OSError as exc:
+                raise write_failure(self.path, exc) from None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            # on resume, TensorBoard hides the events of the steps that are trained again
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
 
     def should_log(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.max_steps
@@ -71,13 +79,21 @@ class MetricsLogger:
     def log(self, metrics: dict[str, float], step: int, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if value is not None and math.isfinite(value):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
-            self.writer.flush()
-        self.jsonl.write(json.dumps({"split": prefix, "step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        where = self.path
+        try:
+            if self.writer is not None:
+                where = self.writer.log_dir
+                for key, value in metrics.items():
+                    if value is not None and math.isfinite(value):
+                        self.writer.add_scalar(f"{prefix}/{key}", value, step)
+                self.writer.flush()
+            where = self.path
+            # one write of a whole line (a full disk cuts at most the last line, which resume repairs)
+            self.jsonl.write(json.dumps({"split": prefix, "step": step, **metrics}) + "\n")
+            self.jsonl.flush()
+        except OSError as exc:
+            self.failed = True
+            raise write_failure(where, exc) from None
         print(self._line(metrics, step, prefix), file=sys.stdout, flush=True)
 
     def text(self, tag: str, value: str) -> None:
@@ -98,7 +114,14 @@ class MetricsLogger:
         return " | ".join(parts)
 
     def close(self) -> None:
-        if self.jsonl is not None:
-            self.jsonl.close()
-        if self.writer is not None:
-            self.writer.close()
+        """Close the files; after a failed write, quietly (the failure was already reported)."""
+        for f in (self.jsonl, self.writer):
+            if f is None:
+                continue
+            try:
+                f.close()
+            except OSError as exc:
+                if not self.failed:
+                    self.failed = True
+                    raise write_failure(self.path, exc) from None
+        self.jsonl = self.writer = None

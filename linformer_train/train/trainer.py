@@ -42,9 +42,29 @@ from linformer_train.train.checkpoint import (
     read_client_state,
     unreadable_reason,
     verify_contents,
+    verify_universal,
 )
+from linformer_train.serialization import (
+    UnsafeFileError,
+    allow_deepspeed_records,
+    forbid_code_in_loads,
+    is_refusal,
+    refusal,
+)
+from linformer_train.serialization import load as load_weights_only
+from linformer_train.train import report
+from linformer_train.train.distributed import quiet_deepspeed
 from linformer_train.train.ds_config import build_ds_config
 from linformer_train.train.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes
+from linformer_train.train.run_dir import (
+    RunDirError,
+    RunFileError,
+    RunLock,
+    claim_run_dir,
+    set_aside_newer_checkpoints,
+    took_over_note,
+    trim_metrics,
+)
 
 
 class TrainingError(RuntimeError):
@@ -83,7 +103,11 @@ def _set_seed(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a step draws from, as tensors and plain data (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                    int(has_gauss), float(gauss)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -91,7 +115,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -116,6 +141,16 @@ class Trainer:
     """Owns the whole tree of config; everything below it gets sections."""
 
     def __init__(self, cfg: Config, on_checkpoint_stage: Optional[Callable[[str], None]] = None):
+        forbid_code_in_loads()  # DeepSpeed's own torch.load calls included
+        allow_deepspeed_records()
+        self.lock: Optional[RunLock] = None
+        try:
+            self._build(cfg, on_checkpoint_stage)
+        except BaseException:
+            self._release()
+            raise
+
+    def _build(self, cfg: Config, on_checkpoint_stage: Optional[Callable[[str], None]]) -> None:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -124,9 +159,17 @@ class Trainer:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.is_main = self.rank == 0
-        # rank 0's resolved config is the one every rank uses (and the one written to the run dir)
-        box = [to_dict(cfg)]
+        # rank 0 claims the run folder before anything is written; its resolved config is the one
+        # every rank uses (and the one written to the run dir)
+        refusal = None
+        if self.is_main:
+            refusal = self._memory_refusal(cfg)
+            refusal = ("config", refusal) if refusal else self._claim_run_dir(cfg)
+        box = [to_dict(cfg), refusal]
         dist.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            kind, message = box[1]
+            raise ConfigError(message) if kind == "config" else RunDirError(message)
         self.cfg = cfg = config_from_dict(box[0])
         self.run_dir = Path(cfg.train.run_dir)
         accel = get_accelerator()
@@ -138,30 +181,37 @@ class Trainer:
         if cfg.precision.dtype in supported and not supported[cfg.precision.dtype]():
             raise ConfigError(f"precision.dtype={cfg.precision.dtype} is not supported on this device "
                               f"({accel.device_name()}); use bf16 or fp32")
-        self._check_resume_target()
+        self.resume_path = self._check_resume_target()
+        self._say(f"run: {self.run_dir} | " + (f"resuming from {self.resume_path}" if self.resume_path
+                                              else "fresh start"))
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         _set_seed(cfg.train.seed)
 
+        report.console_logging(self.is_main)  # data preparation's phases, rank 0 only
+        t0 = time.perf_counter()
         self.data = build_training_data(cfg.data, cfg.model, cfg.train, self.run_dir,
                                         rank=self.rank, world_size=self.world_size)
+        p, tok = self.data.prepared, self.data.tokenizer
+        self._say(f"data: {len(p.train):,} train / {len(p.validation):,} validation blocks of n={p.train.seq_len} "
+                  f"in {p.root} | tokenizer {tok.path} ({tok.vocab_size:,} pieces) | "
+                  f"{report.fmt_seconds(time.perf_counter() - t0)}")
 
         model = LinformerForMLM(cfg.model)
-        if cfg.train.init_from:
+        if cfg.train.init_from and self.resume_path is None:
             self._init_from(model, Path(cfg.train.init_from))
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.train.compile:
             apply_compile(model)
         self.n_params = sum(p.numel() for p in model.parameters())
+        self._say(report.model_line(cfg, self.n_params))
         optimizer = self._build_optimizer(model)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
+        with quiet_deepspeed(cfg.logging.verbose):
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                              self.rank, on_checkpoint_stage)
-        self.metrics = MetricsLogger(self.run_dir, cfg.logging.log_every, cfg.logging.tensorboard,
-                                     self.is_main, cfg.train.max_steps)
 
         self.step = 0
         self.consumed_samples = 0
@@ -174,7 +224,76 @@ class Trainer:
         if self.device.type == "cpu" and dtype == torch.float16:
             dtype = torch.float32
         self.peak_flops = 1e12 * (cfg.train.peak_tflops or measure_peak_tflops(self.device, dtype))
+        self._say(report.engine_line(cfg, self.world_size, self.device, self.peak_flops))
         self._resume()
+        if self.is_main and self.step:
+            note = trim_metrics(self.run_dir, self.step)  # the steps after the checkpoint run again
+            if note:
+                print(f"note: {note}", flush=True)
+        self.metrics = MetricsLogger(self.run_dir, cfg.logging.log_every, cfg.logging.tensorboard,
+                                     self.is_main, cfg.train.max_steps,
+                                     purge_step=self.step + 1 if self.step else None)
+
+    def _memory_refusal(self, cfg: Config) -> Optional[str]:
+        """Rank 0: a config whose memory floor exceeds this machine, refused before any work (an
+        absurd size would otherwise reach the allocator minutes later, after data preparation)."""
+        import psutil
+        from deepspeed.accelerator import get_accelerator
+
+        from linformer_train.model.memory import training_memory_floor
+
+        p, t = cfg.precision, cfg.train
+        floor = training_memory_floor(cfg.model, t.micro_batch_size, p.dtype, p.zero_stage, self.world_size,
+                                      t.activation_checkpointing, p.offload_optimizer, p.offload_params,
+                                      cfg.data.mask_prob)
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        host = psutil.virtual_memory().available / local
+        if get_accelerator().device_name() == "cpu":
+            device, have, need = "this machine's free memory", host, floor.device_total + floor.host_states
+        else:
+            device = f"{get_accelerator().device_name()}'s memory"
+            have = get_accelerator().total_memory(int(os.environ.get("LOCAL_RANK", 0)))
+            need = floor.device_total
+            if floor.host_states > host:
+                device, have, need = "this machine's free memory (optimizer offload)", host, floor.host_states
+        if need <= have:
+            return None
+        gib = 2 ** 30
+        return (f"this config needs at least {need / gib:,.1f} GiB per rank ({floor.params:,} parameters: "
+                f"{floor.device_states / gib:,.1f} GiB of weights, gradients and optimizer states; "
+                f"{floor.activations / gib:,.1f} GiB of activations at micro-batch {t.micro_batch_size}, "
+                f"n={cfg.model.max_seq_len}) but {device} is {have / gib:,.1f} GiB per rank; shrink "
+                f"model.vocab_size / hidden_size / num_layers or train.micro_batch_size, or spread it with "
+                f"precision.zero_stage over more ranks (or offload)")
+
+    def _claim_run_dir(self, cfg: Config) -> Optional[tuple[str, str]]:
+        """Rank 0: lock the run folder and refuse (or, asked to, move aside) another run's files.
+        Returns ("run_dir", the error line) for every rank, or None."""
+        run_dir = Path(cfg.train.run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(run_dir).acquire()
+            notes = [took_over_note(self.lock)] + claim_run_dir(run_dir, cfg.checkpoint.resume,
+                                                                cfg.checkpoint.overwrite)
+        except RunDirError as exc:
+            return ("run_dir", str(exc))
+        except OSError as exc:
+            return ("run_dir", f"train.run_dir={run_dir} cannot be used ({exc.strerror or exc}); it must be a "
+                               f"folder this user can write")
+        for note in notes:
+            if note:
+                print(note, flush=True)
+        return None
+
+    def _say(self, line: str) -> None:
+        """One line for the user, from rank 0 only."""
+        if self.is_main:
+            print(line, flush=True)
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ------------------------------------------------------------------------------------ build
 
@@ -193,41 +312,81 @@ class Trainer:
         return torch.optim.AdamW(groups, fused=fused, **kwargs)
 
     def _init_from(self, model: LinformerForMLM, path: Path) -> None:
-        """Load a model directory's weights into the fresh model: strict keys, same structure."""
-        from linformer_train.convert.model_dir import from_pretrained, read_model_config
+        """Load a model directory's weights into the fresh model: strict keys, same structure, the
+        same tokenizer (another one would give every id another meaning)."""
+        from linformer_train.convert.model_dir import from_pretrained, load_model_info, read_model_config
 
         self._check_compatible({"model": dataclasses.asdict(read_model_config(path))}, path)
+        want = load_model_info(path).get("tokenizer_sha256")
+        have = self.data.tokenizer.sha256
+        if want and want != have:
+            raise ConfigError(
+                f"train.init_from={path} was trained with tokenizer {want[:12]} but this run tokenizes with "
+                f"{self.data.tokenizer.path} ({have[:12]}); set data.tokenizer={path} (and a "
+                f"new train.run_dir or data.prepared_dir, so the data is tokenized with it)")
         pretrained = from_pretrained(path, "mlm")
         model.load_state_dict(pretrained.state_dict(), strict=True)
         if self.is_main:
             print(f"initialised from {path}", flush=True)
 
-    def _check_resume_target(self) -> None:
-        """Fail before any expensive work when the named checkpoint cannot be used."""
+    def _check_resume_target(self) -> Optional[Path]:
+        """Fail before any expensive work when the named checkpoint cannot be used; every rank reaches
+        the same verdict (one rank's damaged shard stops all of them, with the same line). Returns the
+        checkpoint to resume from, or None for a fresh start."""
         ck = self.cfg.checkpoint
         if ck.resume == "none":
-            return
+            return None
+        box: list = [None, None]
+        if self.is_main:  # one rank resolves `auto` (and moves an abandoned history aside)
+            try:
+                path = self._resolve_resume()
+                box[0] = None if path is None else str(path)
+            except (CheckpointError, RunDirError, ConfigError) as exc:
+                box[1] = (type(exc).__name__, str(exc))
+        dist.broadcast_object_list(box, src=0)
+        errors: list = [None] * self.world_size
+        mine = box[1]
+        path = Path(box[0]) if box[0] else None
+        if mine is None and path is not None:
+            try:
+                if ck.universal:
+                    verify_universal(path)
+                else:
+                    verify_contents(path, self.rank)
+                    # before DeepSpeed loads it: another model's tensors would fail there with a trace
+                    self._check_compatible(read_client_state(path).get("config"), path)
+                    check_world_size(path, self.world_size)
+            except (CheckpointError, ConfigError, UnsafeFileError) as exc:
+                mine = (type(exc).__name__, str(exc))
+        dist.all_gather_object(errors, mine)
+        for error in errors:
+            if error is not None:
+                kind = {"ConfigError": ConfigError, "UnsafeFileError": UnsafeFileError,
+                        "RunDirError": RunDirError}.get(error[0], CheckpointError)
+                raise kind(error[1])
+        return path
+
+    def _resolve_resume(self) -> Optional[Path]:
+        ck = self.cfg.checkpoint
+        root = self.run_dir / "checkpoints"
         if ck.universal and ck.resume != "auto":
-            if not Path(ck.resume).is_dir():
-                raise CheckpointError(f"universal checkpoint {ck.resume} does not exist; run ds_to_universal first")
-            return
-        path = CheckpointManager(self.run_dir / "checkpoints", ck.keep_last).resolve_resume(ck.resume)
+            path = Path(ck.resume)
+            if not path.is_dir():
+                raise CheckpointError(f"universal checkpoint {ck.resume} does not exist; convert one with "
+                                      f"`tools/convert.py universal` first")
+            return path
+        path = CheckpointManager(root, ck.keep_last).resolve_resume(ck.resume)
         if path is not None:
-            verify_contents(path, self.rank)
-            # before DeepSpeed loads it: another model's tensors would fail there with a size-mismatch trace
-            self._check_compatible(read_client_state(path).get("config"), path)
-            check_world_size(path, self.world_size)
+            for note in set_aside_newer_checkpoints(root, path):
+                print(note, flush=True)
+        return path
 
     # ----------------------------------------------------------------------------------- resume
 
     def _resume(self) -> None:
-        ck = self.cfg.checkpoint
-        if ck.universal and ck.resume not in ("none", "auto"):
-            path = Path(ck.resume)
-        else:
-            path = self.checkpoints.resolve_resume(ck.resume)
+        path = self.resume_path
         if path is None:
-            if ck.resume == "auto" and self.is_main:
+            if self.cfg.checkpoint.resume == "auto" and self.is_main:
                 print(f"resume=auto: no checkpoint in {self.checkpoints.root}; starting fresh", flush=True)
             return
         with _unreadable_as_checkpoint_error(path):
@@ -243,7 +402,7 @@ class Trainer:
         rank_file = path / f"rank_state_{self.rank:05d}.pt"
         if client.get("world_size") == self.world_size and rank_file.is_file():
             with _unreadable_as_checkpoint_error(path):
-                state = torch.load(rank_file, weights_only=False)
+                state = load_weights_only(rank_file)
             set_rng_state(state["rng"])
             self.data.train_loader.load_state_dict(state["loader"])
         else:
@@ -278,11 +437,19 @@ class Trainer:
             signal.signal(s, self._request_stop)
         try:
             self._loop()
+        except RunFileError as exc:  # a full disk, a read-only folder: say where the run can go on from
+            from linformer_train.train.checkpoint import last_good_checkpoint
+
+            good = last_good_checkpoint(self.checkpoints.root) if self.is_main else None
+            where = f"its last checkpoint {good} is intact" if good else "it has no complete checkpoint yet"
+            raise RunFileError(f"{exc}; the run stopped at step {self.step} and {where}: free space (or fix "
+                               f"the folder) and rerun with --resume") from None
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
             self.data.close()
             self.metrics.close()
+            self._release()
         return 0
 
     def _loop(self) -> None:
@@ -292,25 +459,80 @@ class Trainer:
         t_start = time.perf_counter()
         start_step = self.step
         last = cfg.train.stop_after or cfg.train.max_steps
+        last_train = last_eval = None
+        self._say(report.plan_line(cfg, start_step, self.world_size, str(self.checkpoints.root)))
         while self.step < last:
             stats = self.train_step(window)
             # a stopping step was trained too: log it, or the history has a hole where it resumes
             if self.metrics.should_log(self.step) or stats["stop"]:
                 elapsed = time.perf_counter() - t_start
                 rate = (self.step - start_step) / elapsed if elapsed > 0 else float("nan")
-                self.metrics.log(window.summary(self, eta=(cfg.train.max_steps - self.step) / rate), self.step)
+                last_train = window.summary(self, eta=(cfg.train.max_steps - self.step) / rate)
+                self.metrics.log(last_train, self.step)
                 window = _Window()
             if stats["stop"]:
                 if self.is_main:
                     print(f"stop requested: saving a checkpoint at step {self.step}", flush=True)
                 break
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                self.metrics.log(self.evaluate(), self.step, prefix="eval")
+                last_eval = (self.step, self.evaluate())
+                self.metrics.log(last_eval[1], self.step, prefix="eval")
             if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                 self.save()
                 saved_at = self.step
+        seconds = time.perf_counter() - t_start
         if saved_at != self.step:
             self.save()
+        self._summarise(start_step, seconds, last_train, last_eval, preempted=self._stop_requested)
+
+    def _summarise(self, start_step: int, seconds: float, last_train: Optional[dict],
+                   last_eval: Optional[tuple[int, dict]], preempted: bool) -> None:
+        """The end-of-run lines: what was trained, where it went, how it compares with a baseline
+        (an evaluation at the last step when the schedule did not end on one), and the fill-mask
+        demonstration when logging.fill_mask_examples asks for it. Every rank takes part in the
+        evaluation and the demonstration's forward (ZeRO-3 gathers weights collectively). After a
+        stop signal only the lines are written: the job has seconds left, and the checkpoint is safe."""
+        cfg = self.cfg
+        evaluation = None
+        if cfg.train.eval_every and not preempted and (last_eval is None or last_eval[0] != self.step):
+            last_eval = (self.step, self.evaluate())
+            self.metrics.log(last_eval[1], self.step, prefix="eval")
+        if last_eval is not None and last_eval[0] == self.step:
+            evaluation = last_eval[1]
+        unigram = self._unigram_perplexity() if evaluation and not preempted else None
+        demo = (self._fill_mask_demo(cfg.logging.fill_mask_examples)
+                if cfg.logging.fill_mask_examples and not preempted else [])
+        latest = self.checkpoints.complete_checkpoints()
+        lines = report.summary_lines(
+            cfg=cfg, steps=self.step, start_step=start_step,
+            tokens=(self.step - start_step) * self.global_batch * cfg.model.max_seq_len, seconds=seconds,
+            stopped_early=self.step < cfg.train.max_steps, train=last_train, evaluation=evaluation,
+            unigram_ppl=unigram, checkpoint=str(latest[-1]) if latest else None, run_dir=str(self.run_dir))
+        for line in lines + demo:
+            self._say(line)
+
+    def _unigram_perplexity(self) -> float:
+        """The unigram baseline's perplexity on the evaluation's masked positions, all ranks."""
+        tok = self.data.tokenizer
+        log_probs = report.unigram_log_probs(self.data.prepared.train, tok.vocab_size, tok.special_ids.values())
+        total, count = report.unigram_sums(log_probs, self.data.eval_batches(self.cfg.train.eval_batches))
+        sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums)
+        return report.perplexity(float(sums[0] / sums[1].clamp(min=1.0)))
+
+    @torch.no_grad()
+    def _fill_mask_demo(self, count: int) -> list[str]:
+        tok = self.data.tokenizer
+        picks = report.fill_mask_examples(self.data.prepared.validation, tok, count, seed=self.cfg.train.seed)
+        if not picks:
+            return []
+        ids = torch.tensor(np.stack([ids for ids, _ in picks]), device=self.device)
+        positions = [p for _, p in picks]
+        ids[torch.arange(len(picks)), positions] = tok.special_ids["mask"]
+        self.engine.eval()
+        logits = self.engine(ids)                                       # (B, L, V)
+        self.engine.train()
+        return report.fill_mask_lines(picks, logits[torch.arange(len(picks)), positions].cpu(), tok)
 
     def train_step(self, window: "_Window") -> dict:
         """One optimizer step: gather micro-batches, forward, backward, step."""
@@ -409,10 +631,15 @@ class Trainer:
 
 @contextmanager
 def _unreadable_as_checkpoint_error(path: Path):
-    """A damaged file inside a checkpoint (same size, bad bytes) is one line, not a zip-reader trace."""
+    """A damaged file inside a checkpoint (same size, bad bytes) is one line, not a zip-reader trace;
+    so is a file the weights-only unpickler refuses (DeepSpeed's loads run under it too)."""
     try:
         yield
+    except UnsafeFileError:
+        raise
     except Exception as exc:  # noqa: BLE001 - classified; anything else is re-raised
+        if is_refusal(exc):
+            raise refusal(f"checkpoint {path}", exc) from None
         reason = unreadable_reason(exc)
         if reason is None:
             raise
