@@ -1,7 +1,7 @@
 """ONNX export (tools/convert.py to-onnx): onnxruntime gives torch's outputs within fp32 tolerance
-at every batch size and length up to n, padded rows included, for the Linformer variants whose
-length-dependent shapes differ (window slots, dense rows with per-layer k and layerwise sharing,
-mean pooling) and for a classifier; bad input is one line, exit 2."""
+at every batch size and length up to n, padded rows included (a longer input fails), for the
+Linformer variants whose length-dependent shapes differ (window slots, dense rows with per-layer
+k and layerwise sharing, mean pooling) and for a classifier; bad input is one line, exit 2."""
 
 import numpy as np
 import pytest
@@ -68,6 +68,9 @@ def test_onnxruntime_matches_torch_at_every_length(tok, tmp_path, capsys, name):
         assert got.shape == want.shape
         real = mask.bool().numpy() if want.ndim == 3 else np.ones(batch, bool)
         assert np.abs(got - want)[real].max() < 1e-5, (batch, length)
+    ids, mask = sample_inputs(1, N + 1, vocab)
+    with pytest.raises(Exception, match="broadcast|shape|dimension"):  # longer than n: refused, not computed
+        session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
 
 
 def test_to_onnx_refuses_to_overwrite(tok, tmp_path, capsys):
