@@ -25,10 +25,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from linformer_train.convert import ConversionError
+from linformer_train.data import DataError
 
-# sentencepiece's ModelProto.SentencePiece.Type and TrainerSpec.ModelType
-_NORMAL, _UNIGRAM, _BPE = 1, 1, 2
+_NORMAL = 1               # sentencepiece's ModelProto.SentencePiece.Type of a normal piece
+_UNIGRAM, _BPE = 1, 2     # its TrainerSpec.ModelType
 ROLE_KWARGS = {"bos": ("bos_token", "cls_token"), "eos": ("eos_token", "sep_token"), "pad": ("pad_token",),
                "unk": ("unk_token",), "mask": ("mask_token",)}
 
@@ -37,13 +37,13 @@ def _read_proto(path: Path):
     try:
         from sentencepiece import sentencepiece_model_pb2
     except ImportError:  # pragma: no cover - protobuf is missing
-        raise ConversionError("reading a sentencepiece model's pieces needs the protobuf package; "
-                              "pip install protobuf") from None
+        raise DataError("reading a sentencepiece model's pieces needs the protobuf package; "
+                        "pip install protobuf") from None
     proto = sentencepiece_model_pb2.ModelProto()
     try:
         proto.ParseFromString(Path(path).read_bytes())
     except Exception as exc:  # protobuf's DecodeError
-        raise ConversionError(f"{path} is not a sentencepiece model ({type(exc).__name__})") from None
+        raise DataError(f"{path} is not a sentencepiece model ({type(exc).__name__})") from None
     return proto
 
 
@@ -75,8 +75,8 @@ def fast_from_sentencepiece(path: str | os.PathLike):
                            unk_token=pieces[trainer.unk_id].piece, fuse_unk=True,
                            byte_fallback=trainer.byte_fallback)
     else:
-        raise ConversionError(f"{path} is a sentencepiece model of type {trainer.model_type}; only unigram "
-                              f"and bpe models convert to a fast tokenizer")
+        raise DataError(f"{path} is a sentencepiece model of type {trainer.model_type}; only unigram "
+                        f"and bpe models convert to a fast tokenizer")
     tok = Tokenizer(model)
     steps = []
     if norm.precompiled_charsmap:
