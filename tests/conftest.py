@@ -26,10 +26,11 @@ def pytest_configure(config):
 
 
 SESSION_START = time.time()
+JOB_PORTS: set[int] = set()  # master ports of the multi-rank jobs this session started
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shm.remove_leftovers(since=SESSION_START)  # what the 2-rank jobs left in /dev/shm (memory)
+    shm.remove_leftovers(JOB_PORTS, since=SESSION_START)  # what multi-rank jobs left in /dev/shm
 
 
 # A small, fast model and corpus; every training test starts from these overrides.
@@ -87,15 +88,18 @@ def pretrain(overrides: list[str]) -> subprocess.CompletedProcess:
 
 
 def deepspeed_command(script: str, args: list[str], ranks: int = 2) -> list[str]:
+    port = _free_port()
+    JOB_PORTS.add(port)
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-            "--master_port", str(_free_port()), script, *args]
+            "--master_port", str(port), script, *args]
 
 
 def deepspeed_run(script: str, args: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
+    cmd = deepspeed_command(script, args, ranks)
     try:
-        return run_cli(deepspeed_command(script, args, ranks))
-    finally:
-        shm.remove_leftovers(since=SESSION_START)
+        return run_cli(cmd)
+    finally:  # the job has ended (run_cli leaves no process of it): its segments are garbage
+        shm.remove_leftovers([int(cmd[cmd.index("--master_port") + 1])])
 
 
 def _free_port() -> int:

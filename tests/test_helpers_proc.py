@@ -186,26 +186,30 @@ def test_a_sigterm_to_the_test_run_unwinds_like_ctrl_c():
         time.sleep(5)
 
 
-def test_deepspeed_shared_memory_left_by_a_finished_job_is_removed(tmp_path):
-    """helpers/shm.py: a segment a live process maps stays (a running job's), one nobody maps goes,
-    one older than the session is not ours to judge."""
+def test_deepspeed_shared_memory_left_by_a_finished_job_is_removed():
+    """helpers/shm.py: a segment a live process maps stays (a running job's); an unmapped one goes
+    when its job was ours (its port) or it has not been written for a while (not one being
+    created by another session's job right now); one older than the session is not ours to judge."""
     import mmap
     import os
 
     from helpers import shm
 
-    since = time.time() - 1
-    names = [shm.SHM / f"{shm.PREFIX}test_{os.getpid()}_{i}" for i in range(3)]
+    since = time.time() - 3 * shm.QUIET_S
+    quiet = since + shm.QUIET_S  # written long enough ago
+    port = 40000 + os.getpid() % 20000
+    names = {kind: shm.SHM / f"{shm.PREFIX}{os.getpid()}_test.{kind}_{port + i}_0"
+             for i, kind in enumerate(["mapped", "ended", "fresh", "old", "ours"])}
     try:
-        for p in names:
+        for p in names.values():
             p.write_bytes(b"\0" * 4096)
-        os.utime(names[2], (since - 3600, since - 3600))
-        with open(names[0], "r+b") as f, mmap.mmap(f.fileno(), 4096) as mapped:
-            removed = shm.remove_leftovers(since=since)
-            assert names[1] in removed and names[0] not in removed and names[2] not in removed
-            assert names[0].exists() and not names[1].exists() and names[2].exists()
-            mapped[0] = 1
-        assert names[0] in shm.remove_leftovers(since=since)
+        for kind, t in [("mapped", quiet), ("ended", quiet), ("old", since - 3600)]:
+            os.utime(names[kind], (t, t))
+        with open(names["mapped"], "r+b") as f, mmap.mmap(f.fileno(), 4096):
+            removed = shm.remove_leftovers([port + 4], since=since)
+            assert sorted(removed) == sorted([names["ended"], names["ours"]])
+            assert all(names[k].exists() for k in ("mapped", "fresh", "old"))
+        assert shm.remove_leftovers(since=since) == [names["mapped"]]
     finally:
-        for p in names:
+        for p in names.values():
             p.unlink(missing_ok=True)
