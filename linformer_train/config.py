@@ -55,8 +55,9 @@ class ModelConfig:
     """none (E, F per head) | headwise (per layer) | kv (E = F per layer) | layerwise (one matrix)."""
     projection_init: Optional[str] = None
     """How learned E, F start (projection=linear). window: mean pooling, slot s averaging the s-th
-    of k equal windows of the n positions, then trained | normal: N(0, 1/n), the paper's dense random
-    projection (every slot mixes every position). Unset: window, unless short_input_scaling names a
+    of k equal windows of the n positions, then trained | mixed: those window means plus the dense
+    N(0, 1/n) draw | normal: N(0, 1/n), the paper's dense random projection (every slot mixes every
+    position). Unset: window, unless short_input_scaling names a
     dense-row rule (sqrt, length, none), which belongs to normal (so models saved before this option
     existed load as they were trained), or sharing is layerwise with per-layer k (a layer reading the
     first k_l of k_max shared windows would see only the start of the input). Short texts fine-tune
@@ -271,7 +272,7 @@ CHOICES: dict[str, tuple] = {
     "model.attention": ("linformer", "full", "naive"),
     "model.projection": ("linear", "mean", "conv"),
     "model.sharing": ("none", "headwise", "kv", "layerwise"),
-    "model.projection_init": ("window", "normal"),
+    "model.projection_init": ("window", "mixed", "normal"),
     "model.short_input_scaling": ("window", "sqrt", "length", "none"),
     "model.norm": ("post", "pre"),
     "data.source": ("builtin", "files", "hf"),
@@ -447,7 +448,7 @@ def _normalise(cfg: Config) -> Config:
         windows = m.short_input_scaling in (None, "window") and not _nested_layerwise(m)
         m.projection_init = "window" if windows else "normal"
     if m.short_input_scaling is None:
-        m.short_input_scaling = "window" if m.projection_init == "window" else "sqrt"
+        m.short_input_scaling = "window" if m.projection_init in ("window", "mixed") else "sqrt"
     return cfg
 
 
@@ -574,11 +575,11 @@ def validate(cfg: Config) -> None:
                     f"max_seq_len={m.max_seq_len} and k={kl} (layer {i})",
                 )
         if m.projection == "linear":
-            _check(m.short_input_scaling != "window" or m.projection_init == "window",
+            _check(m.short_input_scaling != "window" or m.projection_init in ("window", "mixed"),
                    "model.short_input_scaling=window masks the slots past a short input by their windows, "
                    "which only projection_init=window gives; with projection_init=normal choose "
                    "short_input_scaling sqrt, length or none")
-            _check(not (m.projection_init == "window" and m.sharing == "layerwise" and len(set(ks)) > 1),
+            _check(not (m.projection_init in ("window", "mixed") and m.sharing == "layerwise" and len(set(ks)) > 1),
                    f"model.projection_init=window with sharing=layerwise and per-layer k {ks} would give a "
                    f"layer that reads the first {min(ks)} of the {max(ks)} shared windows only the start "
                    f"of the input; use one k for every layer, or short_input_scaling=sqrt (dense "

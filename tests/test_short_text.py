@@ -95,6 +95,15 @@ def test_window_init_is_mean_pooling_and_a_short_input_reads_as_a_prefix():
     assert torch.allclose(padded[1], y[1, :, :5], atol=1e-6)
 
 
+def test_mixed_init_is_the_windows_on_top_of_a_dense_draw():
+    torch.manual_seed(3)
+    mixed = LinearProjection(16, 64, init="mixed").weight.detach()
+    torch.manual_seed(3)
+    dense = LinearProjection(16, 64, init="normal").weight.detach()
+    windows = LinearProjection(16, 64).weight.detach()
+    assert torch.allclose(mixed, dense + windows)
+
+
 def test_dense_init_keeps_every_slot_and_rescales():
     torch.manual_seed(1)
     proj = LinearProjection(16, 64, short_input_scaling="sqrt", init="normal")
@@ -111,6 +120,7 @@ def test_dense_init_keeps_every_slot_and_rescales():
     ({"short_input_scaling": "none"}, "normal", "none"),
     ({"projection_init": "normal"}, "normal", "sqrt"),
     ({"projection_init": "window", "short_input_scaling": "length"}, "window", "length"),
+    ({"projection_init": "mixed"}, "mixed", "window"),
     ({"sharing": "layerwise", "k": [16, 8]}, "normal", "sqrt"),  # windows cannot nest
     ({"sharing": "layerwise", "k": 16}, "window", "window"),
 ])

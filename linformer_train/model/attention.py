@@ -73,7 +73,8 @@ class LinearProjection(nn.Module):
 
     Init ``window`` (default): row s is 1/|w_s| on window w_s = [floor(s n/k), floor((s+1) n/k))
     and 0 elsewhere, so at init the projection is mean pooling (``projection: mean``) and a slot
-    averages its own tokens, at any n. Init ``normal``: N(0, 1/n); E·K sums over n tokens, so std
+    averages its own tokens, at any n. Init ``mixed``: those windows plus the normal draw. Init
+    ``normal``: N(0, 1/n); E·K sums over n tokens, so std
     1/sqrt(n) keeps a slot at the scale of one token at any n (1/sqrt(k) would grow it by
     sqrt(n/k): ~3x at n=8192).
     """
@@ -93,14 +94,19 @@ class LinearProjection(nn.Module):
         return self.weight.shape[-2]
 
     def init_weights(self) -> None:
-        if self.init == "normal":
+        if self.init in ("normal", "mixed"):
             nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.max_seq_len))
+        if self.init == "normal":
             return
         k, n = self.k, self.max_seq_len
         slot = torch.div(torch.arange(n) * k, n, rounding_mode="floor")  # (n,) window of each position
         rows = (slot[None, :] == torch.arange(k)[:, None]).float()        # (k, n) one-hot windows
+        windows = (rows / rows.sum(-1, keepdim=True)).expand_as(self.weight)
         with torch.no_grad():
-            self.weight.copy_((rows / rows.sum(-1, keepdim=True)).expand_as(self.weight))
+            if self.init == "mixed":  # the window means on top of the dense draw
+                self.weight.add_(windows)
+            else:
+                self.weight.copy_(windows)
 
     def forward(self, x: torch.Tensor, k_used: int, lengths: Optional[torch.Tensor]
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
