@@ -124,6 +124,16 @@ def test_a_long_document_is_the_mean_of_its_windows(model_dir, one_token_words, 
     assert np.abs(truncated[2] - alone([1, *first, 2]).numpy()).max() < 1e-5
 
 
+def test_bf16_autocast_gives_close_vectors(model_dir, one_token_words):
+    """The GPU default (bf16 autocast), run on the CPU: vectors stay fp32 and close to fp32's."""
+    texts = [document(one_token_words, t, seed=t) for t in (10, 300)]
+    full, _ = Embedder(model_dir).embed(texts)
+    half, stats = Embedder(model_dir, dtype="bf16").embed(texts)
+    assert stats["dtype"] == "bfloat16" and half.dtype == np.float32
+    cosine = (full * half).sum(1) / np.linalg.norm(full, axis=1) / np.linalg.norm(half, axis=1)
+    assert cosine.min() > 0.99 and np.abs(full - half).max() > 0  # it did run in bf16
+
+
 def test_embed_cli_reads_text_jsonl_parquet_and_writes_npy_parquet(model_dir, one_token_words, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
