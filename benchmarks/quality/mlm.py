@@ -56,19 +56,22 @@ def configurations() -> dict[str, dict]:
     for k in (32, 128):
         for sharing in ("none", "kv", "layerwise"):
             confs[f"lin-k{k}-{sharing}-n512"] = {"n": 512, "k": k, "sharing": sharing}
+    confs["lin-k64-headwise-n512-mixed"] = {"n": 512, "k": 64, "sharing": "headwise", "projection_init": "mixed"}
+    for name in ("full-n512", "lin-k64-headwise-n512", "lin-k64-headwise-n512-normal"):  # a second seed
+        confs[f"{name}-seed2"] = {**confs[name], "seed": 2}
     return confs
 
 
 def overrides(name: str, conf: dict) -> list[str]:
     n = conf["n"]
-    model = {k: v for k, v in conf.items() if k != "n"}
+    model = {k: v for k, v in conf.items() if k not in ("n", "seed")}
     return ["model.preset=tiny", f"model.vocab_size={VOCAB}", f"model.max_seq_len={n}",
             "model.dropout=0.1", "model.attention_dropout=0.1",
             *(f"model.{k}={v}" for k, v in model.items()),
             *wiki_data_overrides(n),
             "optim.lr=1e-3", "optim.warmup_steps=60", f"train.max_steps={STEPS}",
-            f"train.micro_batch_size={TOKENS_PER_STEP // n}", "train.eval_every=0", "train.seed=1",
-            "train.peak_tflops=1.0", "precision.dtype=fp32", "logging.log_every=50", "logging.tensorboard=false",
+            f"train.micro_batch_size={TOKENS_PER_STEP // n}", "train.eval_every=0", f"train.seed={conf.get('seed', 1)}",
+            "train.peak_tflops=1.0", "train.compile=false", "precision.dtype=fp32", "logging.log_every=50", "logging.tensorboard=false",
             "logging.progress=false", f"checkpoint.save_every={EVAL_EVERY}", "checkpoint.keep_last=100",
             f"train.run_dir={OUT / 'mlm' / name}"]
 
@@ -92,7 +95,7 @@ def run_one(name: str, conf: dict) -> dict:
                        "wall_s": round((step_dir / "complete.json").stat().st_mtime - timing["start"], 1)})
         shutil.rmtree(step_dir)  # the exported model directory keeps the weights
     final = from_pretrained(run_dir / "models" / f"step_{STEPS:08d}")
-    record = {"name": name, **conf, "steps": STEPS, "tokens": STEPS * TOKENS_PER_STEP, "seed": 1,
+    record = {"name": name, "seed": 1, **conf, "steps": STEPS, "tokens": STEPS * TOKENS_PER_STEP,
               "eval_tokens": int(blocks.size), "params": sum(p.numel() for p in final.parameters()),
               "projection_init": final.cfg.projection_init if final.cfg.attention == "linformer" else None,
               "wall_s": timing["wall_s"], "cpu_s": timing["cpu_s"], "points": points,
@@ -116,7 +119,7 @@ def cmd_evaluate() -> None:
     RESULTS.write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 
-LENGTH_MODELS = ("full-n512", "lin-k64-headwise-n512", "lin-k64-headwise-n512-normal")
+LENGTH_MODELS = ("full-n512", "lin-k64-headwise-n512", "lin-k64-headwise-n512-mixed", "lin-k64-headwise-n512-normal")
 
 
 def cmd_lengths() -> None:
@@ -151,13 +154,13 @@ def cmd_run(only: list[str]) -> None:
               f"{rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU", flush=True)
 
 
-def _ppl(loss: float) -> float:
-    import math
-
-    return math.exp(loss)
+def _final(r: dict) -> float:
+    return r["points"][-1]["test_loss"]
 
 
 def cmd_report() -> None:
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,50 +170,64 @@ def cmd_report() -> None:
     if not recs:
         sys.exit(f"error: no results in {RESULTS}; run `python benchmarks/quality/mlm.py run` first")
     full = recs.get("full-n512")
-    print("| model (2x64, n=512) | k | sharing | E/F init | test ppl | vs full | wall s | CPU s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model (2x64, n=512) | k | sharing | E/F init | params | test loss | test ppl | vs full | wall s | CPU s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in recs.items():
-        if r["n"] != 512:
+        if r["n"] != 512 or name.endswith("seed2"):
             continue
-        ppl = _ppl(r["points"][-1]["test_loss"])
-        rel = f"{ppl / _ppl(full['points'][-1]['test_loss']) - 1:+.1%}" if full and name != "full-n512" else ""
+        ppl = math.exp(_final(r))
+        rel = f"{ppl / math.exp(_final(full)) - 1:+.1%}" if full and name != "full-n512" else ""
         print(f"| {'full' if r.get('attention') == 'full' else 'Linformer'} | {r.get('k', '')} | "
-              f"{r.get('sharing', '')} | {r.get('projection_init') or ''} | {ppl:.1f} | {rel} | "
-              f"{r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
-    print()
-    print("| n | full ppl | Linformer k=64 ppl | Linformer / full | full wall s | Linformer wall s |")
+              f"{r.get('sharing', '')} | {r.get('projection_init') or ''} | {r['params']:,} | {_final(r):.3f} | "
+              f"{ppl:.1f} | {rel} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
+    print("\n| two seeds (1, 2) | test loss seed 1 | seed 2 | mean | mean vs full |")
+    print("| --- | --- | --- | --- | --- |")
+    means = {}
+    for name in ("full-n512", "lin-k64-headwise-n512", "lin-k64-headwise-n512-normal"):
+        if name in recs and f"{name}-seed2" in recs:
+            a, b = _final(recs[name]), _final(recs[f"{name}-seed2"])
+            means[name] = (a + b) / 2
+            rel = f"{math.exp(means[name] - means['full-n512']) - 1:+.1%}" if "full-n512" in means else ""
+            print(f"| {name} | {a:.3f} | {b:.3f} | {means[name]:.3f} | {rel} |")
+    print("\n| n | full test ppl | Linformer k=64 test ppl | Linformer / full | full wall s | Linformer wall s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for n in (256, 512, 1024):
         f, lin = recs.get(f"full-n{n}"), recs.get(f"lin-k64-headwise-n{n}")
         if f and lin:
-            a, b = _ppl(f["points"][-1]["test_loss"]), _ppl(lin["points"][-1]["test_loss"])
+            a, b = math.exp(_final(f)), math.exp(_final(lin))
             print(f"| {n} | {a:.1f} | {b:.1f} | {b / a - 1:+.1%} | {f['wall_s']:.0f} | {lin['wall_s']:.0f} |")
+    lengths = read_jsonl(OUT / "mlm" / "lengths.jsonl")
+    if lengths:
+        cols = list(lengths[0]["loss_by_length"])
+        print("\n| model (n=512) | " + " | ".join(f"L={c}" for c in cols) + " |")
+        print("| --- |" + " --- |" * len(cols))
+        for r in lengths:
+            print(f"| {r['name']} | " + " | ".join(f"{v:.3f}" for v in r["loss_by_length"].values()) + " |")
 
     FIGURES.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    shown = ["full-n512", "lin-k32-headwise-n512", "lin-k64-headwise-n512", "lin-k128-headwise-n512",
-             "lin-k64-layerwise-n512", "lin-k64-headwise-n512-normal"]
-    for name in shown:
+    shown = [("full-n512", "full attention", "k-"), ("lin-k32-headwise-n512", "Linformer k=32", "-"),
+             ("lin-k64-headwise-n512", "Linformer k=64", "-"), ("lin-k128-headwise-n512", "Linformer k=128", "-"),
+             ("lin-k64-layerwise-n512", "Linformer k=64 layerwise", ":"),
+             ("lin-k64-headwise-n512-normal", "Linformer k=64, dense E/F init", "--")]
+    for name, label, style in shown:
         r = recs.get(name)
         if not r:
             continue
-        xs_tok = [p["tokens"] / 1e6 for p in r["points"]]
-        xs_t = [p["wall_s"] / 60 for p in r["points"]]
-        ys = [_ppl(p["test_loss"]) for p in r["points"]]
-        style = "k-" if name.startswith("full") else "--" if name.endswith("normal") else "-"
-        label = name.replace("-n512", "").replace("lin-", "Linformer ").replace("-normal", " (dense init)")
-        axes[0].plot(xs_tok, ys, style, marker="o", ms=3, label=label)
-        axes[1].plot(xs_t, ys, style, marker="o", ms=3, label=label)
-    for ax, xl in zip(axes, ("training tokens (millions)", "wall time (minutes, shared 2-core CPU)")):
+        ys = [math.exp(p["test_loss"]) for p in r["points"]]
+        axes[0].plot([p["tokens"] / 1e6 for p in r["points"]], ys, style, marker="o", ms=3, label=label)
+        axes[1].plot([p["wall_s"] / 60 for p in r["points"]], ys, style, marker="o", ms=3, label=label)
+    for ax, xl in zip(axes, ("training tokens (millions)", "wall time (minutes; shared 2-core CPU, load ~10)")):
         ax.set_xlabel(xl)
         ax.set_ylabel("WikiText-2 test perplexity")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("MLM, 2x64 encoder at n=512 (train: WikiText-2 valid, eval: test)")
+    fig.suptitle("MLM, 2x64 encoder at n=512, seed 1 (train: WikiText-2 valid; eval: 131k tokens of test)")
     fig.tight_layout()
     out = FIGURES / "quality_mlm_n512.png"
     fig.savefig(out, dpi=90)
+    plt.close(fig)
     print(f"\nwrote {out}")
 
 

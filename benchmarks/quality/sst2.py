@@ -63,15 +63,18 @@ def configurations() -> dict[str, dict]:
                                 **variants},
         "variants/mean-projection": {"group": "variants", "random_init": {"projection": "mean"}, **variants},
         "variants/window": {"group": "variants", "random_init": {}, **variants},
+        "variants/mixed": {"group": "variants", "random_init": {"projection_init": "mixed"}, **variants},
         "budget/full": {"group": "budget", "random_init": {"attention": "full"}, **budget},
         "budget/dense-sqrt": {"group": "budget", "random_init": DENSE, **budget},
         "budget/window": {"group": "budget", "random_init": {}, **budget},
         "main/scratch-full": {"group": "main", "random_init": {"attention": "full"}, **main},
         "main/scratch-window": {"group": "main", "random_init": {}, **main},
         "main/scratch-dense": {"group": "main", "random_init": DENSE, **main},
+        "main/scratch-mixed": {"group": "main", "random_init": {"projection_init": "mixed"}, **main},
         "main/pretrained-full": {"group": "main", "pretrained": "full-n512", **main},
         "main/pretrained-window": {"group": "main", "pretrained": "lin-k64-headwise-n512", **main},
         "main/pretrained-dense": {"group": "main", "pretrained": "lin-k64-headwise-n512-normal", **main},
+        "main/pretrained-mixed": {"group": "main", "pretrained": "lin-k64-headwise-n512-mixed", **main},
     }
     return confs
 

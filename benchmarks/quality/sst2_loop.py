@@ -31,9 +31,6 @@ ROWS = {
     "dense init, first token": (DENSE, "first", False),
     "dense init, E/F frozen": (DENSE, "first", True),
     "dense init, mean pooling": (DENSE, "mean", False),
-    "window init, first token": ({}, "first", False),
-    "window init, E/F frozen": ({}, "first", True),
-    "full attention, first token": ({"attention": "full"}, "first", False),
 }
 
 
