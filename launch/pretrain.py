@@ -9,8 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from linformer_train.cli import run_main  # noqa: E402
-from linformer_train.train.entry import pretrain  # noqa: E402
+from linformer_train.train.entry import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_main(pretrain))
+    main()

@@ -77,9 +77,3 @@ def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def pretrain_main() -> None:
-    from linformer_train.train.entry import pretrain
-
-    sys.exit(run_main(pretrain))

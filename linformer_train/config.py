@@ -82,6 +82,13 @@ class ModelConfig:
     """Classes of the sequence-classification head (fine-tuning only)."""
 
 
+SPECIAL_TOKENS = 5
+"""<pad> <s> </s> <unk> <mask>: the fixed ids 0-4 of every tokenizer (data/tokenizer.py names them)."""
+MIN_VOCAB_SIZE = SPECIAL_TOKENS + 256 + 1
+"""The smallest vocabulary a tokenizer may have: the specials, 256 byte pieces (byte fallback is
+always on), and at least one piece more."""
+
+
 @dataclass
 class DataConfig:
     """Where text comes from, how it is tokenized, packed and masked."""
@@ -622,10 +629,8 @@ def validate(cfg: Config) -> None:
     for name in ("text_column", "hf_split"):
         _check(bool(getattr(d, name)), f"data.{name} is empty; name a column / split")
     if d.tokenizer_vocab_size is not None:
-        from linformer_train.data.tokenizer import MIN_VOCAB_SIZE
-
         _check(d.tokenizer_vocab_size >= MIN_VOCAB_SIZE,
-               f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} is too small: 5 special pieces and 256 "
+               f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} is too small: {SPECIAL_TOKENS} special pieces and 256 "
                f"byte pieces need at least {MIN_VOCAB_SIZE}")
         _check(d.tokenizer_vocab_size <= m.vocab_size,
                f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} exceeds model.vocab_size={m.vocab_size}")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from linformer_train.config import MIN_VOCAB_SIZE, SPECIAL_TOKENS  # the vocabulary floor: a config rule
 from linformer_train.data import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,7 +42,6 @@ MODEL_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 """Files beside a Hugging Face tokenizer.json that name its special tokens; copied with it."""
-MIN_VOCAB_SIZE = len(SPECIAL_IDS) + 256 + 1  # the specials, 256 byte pieces, at least one more
 MAX_SENTENCE_BYTES = 1 << 16
 WORD_START = "\u2581"  # sentencepiece's "▁": the piece begins a new word
 
@@ -350,7 +350,7 @@ def train_tokenizer(cfg: "DataConfig", out_dir: str | os.PathLike, vocab_size: i
     from linformer_train.data.corpus import build_source
 
     if vocab_size < MIN_VOCAB_SIZE:
-        raise DataError(f"tokenizer vocab_size={vocab_size} is too small: 5 special pieces and 256 "
+        raise DataError(f"tokenizer vocab_size={vocab_size} is too small: {SPECIAL_TOKENS} special pieces and 256 "
                         f"byte pieces need at least {MIN_VOCAB_SIZE}; raise data.tokenizer_vocab_size")
     source = source or build_source(cfg)
     path = model_path(out_dir)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 from typing import Sequence
 
-from linformer_train.cli import make_parser
+from linformer_train.cli import make_parser, run_main
+
+
+def main() -> None:
+    """The `linformer-pretrain` console script: ``pretrain`` under the one-line error contract."""
+    sys.exit(run_main(pretrain))
 
 
 def pretrain(argv: Sequence[str]) -> int:
@@ -14,7 +21,7 @@ def pretrain(argv: Sequence[str]) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run's latest complete checkpoint (checkpoint.resume=auto)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse_suppress())
+                        help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. optim.lr=3e-4 train.max_steps=1000")
     args = parser.parse_intermixed_args(argv)  # overrides may also follow --resume (as in convert, finetune)
@@ -83,9 +90,3 @@ def _lost_ranks_message(rank: int, gone: list[int], ranks: list[tuple[str, int]]
               if latest else "there is no complete checkpoint yet, so a rerun starts from step 0")
     return (f"rank {rank} stops: {who} ended while the job was running (killed, out of memory, or an "
             f"error in its own output); {resume}")
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
