@@ -1,0 +1,96 @@
+"""The machine a profile ran on: its matmul peak, its description, the default memory budget, and
+waiting for it to be idle."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from linformer_train.profiling.build import _sync
+from linformer_train.profiling.cases import DTYPES, GIB
+
+
+def measure_matmul_peak(device: str = "cpu", dtype: str = "fp32", size: Optional[int] = None,
+                        repeats: int = 5, clock: str = "wall", threads: Optional[int] = None) -> float:
+    """Best achieved FLOP/s of a square matmul: the peak that MFU is measured against (with the
+    same clock and thread count as the cases it divides)."""
+    dev = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    dt = DTYPES[dtype]
+    if size:
+        shapes = [(size, size, size)]
+    elif dev.type == "cuda":
+        shapes = [(8192, 8192, 8192)]
+    else:  # a CPU BLAS peaks at different shapes (seen here: 87 to 100 GFLOP/s a core): take the best
+        shapes = [(2048, 2048, 2048), (4096, 4096, 4096), (2048, 768, 2304), (8192, 3072, 768)]
+    best_rate = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=dev).to(dt)
+        b = torch.randn(k, n, device=dev).to(dt)
+        best = math.inf
+        reps = repeats * (10 if dev.type == "cuda" else 1)
+        for i in range(2 + reps):
+            _sync(dev)
+            t0 = now()
+            torch.matmul(a, b)
+            _sync(dev)
+            if i >= 2:
+                best = min(best, now() - t0)
+        best_rate = max(best_rate, 2 * m * k * n / best)
+    return best_rate
+
+
+def machine_info(device: str = "cpu") -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        ram = psutil.virtual_memory().total / GIB
+    except ImportError:
+        ram = None
+    info = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "ram_gib": ram, "python": platform.python_version(), "torch": torch.__version__,
+            "host": platform.node(), "command": " ".join(sys.argv)}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update(gpu=props.name, gpu_mem_gib=props.total_memory / GIB, cuda=torch.version.cuda)
+    return info
+
+
+def default_budget_bytes(device: str) -> int:
+    """CPU: 90% of the memory available now; CUDA: the device's total memory."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.9)
+
+
+def wait_for_idle_cpu(max_busy: float, timeout: float, window: float = 1.0) -> float:
+    """Wait (at most ``timeout`` s) until the machine's CPU use over ``window`` s is below
+    ``max_busy`` (0-1), so a CPU timing does not share cores with other jobs. Returns the last use."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = psutil.cpu_percent(interval=window) / 100
+        if busy <= max_busy or time.monotonic() >= deadline:
+            return busy
