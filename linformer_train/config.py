@@ -202,22 +202,28 @@ class TrainConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Numeric format and DeepSpeed memory options: the single source of truth for both."""
+    """Numeric format: the dtype and fp16's loss scaling (the single source of truth for both)."""
 
     dtype: str = "bf16"
     """fp32 | bf16 | fp16 (GPU; dynamic loss scaling)."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0 | 1 | 2 | 3."""
-    offload_optimizer: bool = False
-    """Keep optimizer states on CPU (ZeRO >= 1)."""
-    offload_params: bool = False
-    """Keep parameters on CPU (ZeRO 3)."""
     initial_scale_power: int = 16
     loss_scale_window: int = 1000
     hysteresis: int = 2
     min_loss_scale: float = 1.0
     deepspeed: dict = field(default_factory=dict)
     """Passthrough for rare DeepSpeed keys; a key that a derived one already sets is an error."""
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO: what is sharded over the data-parallel ranks and what is kept on the CPU."""
+
+    stage: int = 0
+    """0 (plain data parallel) | 1 (optimizer states sharded) | 2 (and gradients) | 3 (and parameters)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on CPU (stage >= 1)."""
+    offload_params: bool = False
+    """Keep parameters on CPU (stage 3)."""
 
 
 @dataclass
@@ -260,6 +266,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -289,8 +296,16 @@ CHOICES: dict[str, tuple] = {
     "optim.decay": ("linear", "cosine", "constant"),
     "train.nonfinite_policy": ("skip", "stop"),
     "precision.dtype": ("fp32", "bf16", "fp16"),
-    "precision.zero_stage": (0, 1, 2, 3),
+    "zero.stage": (0, 1, 2, 3),
 }
+
+MOVED_KEYS: dict[str, str] = {
+    "precision.zero_stage": "zero.stage",
+    "precision.offload_optimizer": "zero.offload_optimizer",
+    "precision.offload_params": "zero.offload_params",
+}
+"""Keys of earlier versions -> where they live now: a config naming one is refused with the new
+name; a checkpoint's saved config is moved over (:func:`upgrade_saved`)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,6 +396,7 @@ def _schema() -> DictConfig:
 def config_from_dict(raw: dict) -> Config:
     """Build and validate a Config from a plain nested dict (a resolved YAML, a checkpoint's copy)."""
     schema = _schema()
+    check_moved_keys(raw or {})
     check_raw_types(Config, raw or {})
     try:
         user = OmegaConf.create(raw or {})
@@ -399,6 +415,41 @@ def config_from_dict(raw: dict) -> Config:
     cfg = _normalise(obj)
     validate(cfg)
     return cfg
+
+
+def _moved(raw: Any) -> list[tuple[str, str, Any]]:
+    """(old key, new key, value) for each key of ``raw`` that has moved."""
+    out = []
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        values = raw.get(section) if isinstance(raw, dict) else None
+        if isinstance(values, dict) and key in values:
+            out.append((old, new, values[key]))
+    return out
+
+
+def check_moved_keys(raw: Any) -> None:
+    """A key that has moved is refused with the place it went to (omegaconf would only list the
+    section's keys)."""
+    for old, new, value in _moved(raw):
+        shown = str(value).lower() if isinstance(value, bool) else value
+        section, key = new.split(".")
+        raise ConfigError(f"config: {old} has moved to {new} (ZeRO has its own section); write "
+                          f"{new}={shown}, or in YAML {section}: {{{key}: {shown}}}")
+
+
+def upgrade_saved(raw: dict) -> dict:
+    """A config saved by an earlier version (a checkpoint's copy) with its moved keys moved."""
+    moved = _moved(raw)
+    if not moved:
+        return raw
+    raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for old, new, value in moved:
+        section, key = old.split(".")
+        del raw[section][key]
+        new_section, new_key = new.split(".")
+        raw.setdefault(new_section, {})[new_key] = value
+    return raw
 
 
 def check_raw_types(schema: type, raw: Any) -> None:
@@ -665,6 +716,7 @@ def validate(cfg: Config) -> None:
         _check(t.peak_tflops > 0, f"train.peak_tflops={t.peak_tflops} must be positive")
 
     validate_precision(cfg.precision)
+    validate_zero(cfg.zero)
 
     lg = cfg.logging
     _check(lg.log_every > 0, f"logging.log_every={lg.log_every} must be positive")
@@ -684,12 +736,16 @@ def check_finite(cfg) -> None:
                 _check(math.isfinite(v), f"{section.name}.{f.name}={v} must be a finite number")
 
 
+def validate_zero(z: ZeroConfig) -> None:
+    """The zero section's rules (shared with fine-tuning)."""
+    _check(not (z.offload_params and z.stage != 3),
+           f"zero.offload_params needs zero.stage=3 (got {z.stage})")
+    _check(not (z.offload_optimizer and z.stage == 0),
+           "zero.offload_optimizer needs zero.stage >= 1")
+
+
 def validate_precision(p: PrecisionConfig) -> None:
     """The precision section's rules (shared with fine-tuning)."""
-    _check(not (p.offload_params and p.zero_stage != 3),
-           f"precision.offload_params needs zero_stage=3 (got {p.zero_stage})")
-    _check(not (p.offload_optimizer and p.zero_stage == 0),
-           "precision.offload_optimizer needs zero_stage >= 1")
     _check(p.min_loss_scale > 0, f"precision.min_loss_scale={p.min_loss_scale} must be positive")
     _check(0 <= p.initial_scale_power <= 64,
            f"precision.initial_scale_power={p.initial_scale_power} must lie in [0, 64] (the scale is 2**power)")

@@ -7,9 +7,11 @@ import pytest
 from linformer_train.config import (
     ConfigError,
     check_batch_arithmetic,
+    config_from_dict,
     load_config,
     save_config,
     k_schedule,
+    upgrade_saved,
 )
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -53,8 +55,11 @@ ERRORS = [
     (["model.num_layers=3", "model.k=[64,32]"], r"^model.k has 2 values but model.num_layers=3; give one k per layer$"),
     (["model.k={first: 64}"], r"^model.k=\{'first': 64\} as a rule takes keys first, last"),
     (["model.projection=conv", "model.k=100"], r"needs n divisible by k, but max_seq_len=512 and k=100"),
-    (["precision.zero_stage=4"], r"^precision.zero_stage=4 is not allowed; choose one of 0, 1, 2, 3$"),
-    (["precision.offload_params=true", "precision.zero_stage=2"], r"^precision.offload_params needs zero_stage=3 \(got 2\)$"),
+    (["zero.stage=4"], r"^zero.stage=4 is not allowed; choose one of 0, 1, 2, 3$"),
+    (["zero.offload_params=true", "zero.stage=2"], r"^zero.offload_params needs zero.stage=3 \(got 2\)$"),
+    (["precision.zero_stage=2"], r"^config: precision.zero_stage has moved to zero.stage \(ZeRO has its own section\); "
+                                 r"write zero.stage=2, or in YAML zero: \{stage: 2\}$"),
+    (["precision.offload_optimizer=true"], r"^config: precision.offload_optimizer has moved to zero.offload_optimizer "),
     (["data.source=files"], r"^data.paths is empty but data.source=files"),
     (["optim.lr=-1"], r"^optim.lr=-1.0 must be positive$"),
     (["train.micro_batch_size=0"], r"^train.micro_batch_size=0 must be positive$"),
@@ -68,6 +73,21 @@ def test_config_errors_are_one_line(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
         load_config([], overrides)
     assert "\n" not in str(info.value)
+
+
+def test_zero_keys_of_the_precision_section_are_refused_in_files_and_moved_in_checkpoints(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("precision:\n  dtype: bf16\n  zero_stage: 3\n  offload_params: true\n")
+    with pytest.raises(ConfigError, match=r"^config: precision.zero_stage has moved to zero.stage .*zero: \{stage: 3\}$"):
+        load_config([old])
+    saved = {"precision": {"dtype": "bf16", "zero_stage": 3, "offload_params": True}, "model": {"k": 64}}
+    upgraded = upgrade_saved(saved)
+    assert upgraded == {"precision": {"dtype": "bf16"}, "zero": {"stage": 3, "offload_params": True},
+                        "model": {"k": 64}}
+    assert saved["precision"]["zero_stage"] == 3  # the caller's dict is left as it was
+    cfg = config_from_dict(upgraded)
+    assert (cfg.zero.stage, cfg.zero.offload_params, cfg.precision.dtype) == (3, True, "bf16")
+    assert upgrade_saved({"zero": {"stage": 1}}) == {"zero": {"stage": 1}}
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -89,3 +109,11 @@ def test_global_batch_arithmetic():
     with pytest.raises(ConfigError, match=r"^train.global_batch_size=32 but micro_batch_size=4 x "
                                           r"grad_accum_steps=2 x 2 ranks = 16; change one of them$"):
         check_batch_arithmetic(cfg.train, 2)
+
+
+def test_fine_tuning_configs_refuse_the_moved_keys_too():
+    from linformer_train.finetune.config import load_finetune_config
+
+    with pytest.raises(ConfigError, match=r"^config: precision.offload_params has moved to zero.offload_params "
+                                          r"\(ZeRO has its own section\); write zero.offload_params=true"):
+        load_finetune_config([], ["precision.offload_params=true"])

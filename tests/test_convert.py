@@ -80,7 +80,7 @@ MAKE_CHECKPOINTS = textwrap.dedent("""
             "model": dict(preset="tiny", vocab_size={vocab}, max_seq_len={n}, k=[8, 4], sharing="layerwise",
                           dropout=0.0, attention_dropout=0.0),
             "train": dict(micro_batch_size=2, run_dir=str(out / name)),
-            "precision": dict(zero_stage=stage, dtype=dtype)}})
+            "precision": dict(dtype=dtype), "zero": dict(stage=stage)}})
         torch.manual_seed(0)
         model = LinformerForMLM(cfg.model)
         opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-2)
@@ -121,7 +121,7 @@ MAKE_CHECKPOINTS = textwrap.dedent("""
     model = from_pretrained(out / "n128").train()
     import dataclasses
     cfg = config_from_dict({{"model": {{**dataclasses.asdict(model.cfg), "preset": None}},
-                            "train": dict(micro_batch_size=2), "precision": dict(zero_stage=2, dtype="bf16")}})
+                            "train": dict(micro_batch_size=2), "precision": dict(dtype="bf16"), "zero": dict(stage=2)}})
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=3e-3)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_ds_config(cfg, world),
                                            dist_init_required=False)

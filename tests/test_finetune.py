@@ -109,7 +109,7 @@ def test_two_ranks_zero3_learns_keeps_best_and_predicts(data, tmp_path):
     from linformer_train.finetune.predict import predict_file
 
     out = tmp_path / "run"
-    res = finetune_cli(single_task(data, out, "precision.dtype=bf16", "precision.zero_stage=3",
+    res = finetune_cli(single_task(data, out, "precision.dtype=bf16", "zero.stage=3",
                                    "train.micro_batch_size=16", "train.eval_batch_size=101"), ranks=2)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     summary = json.loads((out / "results.json").read_text())
@@ -147,7 +147,7 @@ def test_two_ranks_zero3_learns_keeps_best_and_predicts(data, tmp_path):
 
 def test_pair_task_over_two_seeds_bf16_reports_mean_and_std(data, tmp_path):
     out = tmp_path / "pair"
-    res = finetune_cli(pair_task(data, out, "precision.dtype=bf16", "precision.zero_stage=0",
+    res = finetune_cli(pair_task(data, out, "precision.dtype=bf16", "zero.stage=0",
                                  "train.seeds=[1,2]"))
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     summary = json.loads((out / "results.json").read_text())

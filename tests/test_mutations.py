@@ -60,7 +60,7 @@ OUT_OF_RANGE = {
     "train.grad_accum_steps": ["0"], "train.global_batch_size": ["0", "-8"], "train.eval_every": ["-1"],
     "train.eval_batches": ["0"], "train.max_consecutive_skips": ["0"], "train.run_dir": ["''"],
     "train.peak_tflops": ["0", "-1"], "train.seed": ["-1", "4294967296"],
-    "precision.zero_stage": ["4", "-1"], "precision.dtype": ["fp8"], "precision.min_loss_scale": ["0"],
+    "zero.stage": ["4", "-1"], "precision.dtype": ["fp8"], "precision.min_loss_scale": ["0"],
     "precision.initial_scale_power": ["-1", "1000"], "precision.loss_scale_window": ["0"],
     "precision.hysteresis": ["0"],
     "logging.log_every": ["0", "-1"], "checkpoint.save_every": ["-1"], "checkpoint.keep_last": ["0"],
@@ -84,9 +84,9 @@ CONTRADICTIONS = [
     (["model.vocab_size=512", "data.tokenizer_vocab_size=1024"], ["data.tokenizer_vocab_size"]),
     (["data.source=files"], ["data.paths"]),
     (["data.source=hf"], ["data.hf_name"]),
-    (["precision.offload_params=true"], ["precision.offload_params"]),
-    (["precision.offload_params=true", "precision.zero_stage=2"], ["precision.offload_params"]),
-    (["precision.offload_optimizer=true"], ["precision.offload_optimizer"]),
+    (["zero.offload_params=true"], ["zero.offload_params"]),
+    (["zero.offload_params=true", "zero.stage=2"], ["zero.offload_params"]),
+    (["zero.offload_optimizer=true"], ["zero.offload_optimizer"]),
     (["data.mask_replace_prob=0.8", "data.mask_random_prob=0.3"], ["data.mask_replace_prob"]),
     (["model.preset=tiny", "model.num_layers=3", "model.k=[16,8]"], ["model.k"]),
 ]
@@ -250,7 +250,7 @@ FINETUNE_RANGE = {
     "optim.eps": ["0"], "optim.weight_decay": ["-1"], "optim.warmup_ratio": ["1.0", "-0.1"],
     "optim.min_lr_ratio": ["2"], "optim.grad_clip": ["-1"], "train.epochs": ["0"], "train.micro_batch_size": ["0"],
     "train.grad_accum_steps": ["0"], "train.eval_batch_size": ["0"], "train.max_steps": ["0"], "train.eval_every": ["-1"],
-    "train.seeds": ["[]", "[1,1]", "[a]"], "train.output_dir": ["''"], "precision.zero_stage": ["5"],
+    "train.seeds": ["[]", "[1,1]", "[a]"], "train.output_dir": ["''"], "zero.stage": ["5"],
     "logging.log_every": ["0"],
 }
 
@@ -261,7 +261,7 @@ def finetune_mutations():
     cases = type_mutations(FinetuneConfig, FT_CHOICES)
     cases += [([f"{key}={v}"], [key]) for key, values in FINETUNE_RANGE.items() for v in values]
     cases += [(["task.preset=null", "task.train_file=a.csv"], ["task.train_file", "task.eval_file"]),
-              (["task.preset=null"], ["task.preset"]), (["precision.offload_params=true"], ["precision.offload_params"]),
+              (["task.preset=null"], ["task.preset"]), (["zero.offload_params=true"], ["zero.offload_params"]),
               (["bogus.key=1"], ["bogus"]), (["task.bogus=1"], ["task.bogus"])]
     # the base keys are set first, so a mutation of the same key wins
     return [([*FINETUNE_BASE, *argv], names) for argv, names in cases]
@@ -384,7 +384,8 @@ def test_a_sample_through_the_real_command_line(tmp_path):
             if len(procs) >= 2:
                 procs[-2][2].wait()
             # first, so that a mutation of the same key wins; nothing may be written into the checkout
-            run_dir = [f"train.run_dir={tmp_path / 'run'}"] if argv[0] == "launch/pretrain.py" else []
+            # each its own run folder: two at once on one folder would meet the other's run lock
+            run_dir = [f"train.run_dir={tmp_path / f'run{len(procs)}'}"] if argv[0] == "launch/pretrain.py" else []
             child = running.enter_context(
                 proc.start([sys.executable, argv[0], *run_dir, *argv[1:]], cwd=ROOT, env=env))
             procs.append((argv, names, child))

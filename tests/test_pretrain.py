@@ -143,7 +143,7 @@ def test_two_ranks_bf16_zero(prepared_data, tmp_path, stage):
     a per-layer k schedule (the combination DeepSpeed #988/#2103 broke under ZeRO-2/3)."""
     run = tmp_path / f"zero{stage}"
     res = deepspeed_run("tests/helpers/train_and_report.py", tiny_overrides(
-        prepared_data, run, "precision.dtype=bf16", f"precision.zero_stage={stage}",
+        prepared_data, run, "precision.dtype=bf16", f"zero.stage={stage}",
         "train.max_steps=24", "train.eval_every=12", "checkpoint.save_every=12",
         "model.sharing=layerwise", "model.k=[32,16]", "train.activation_checkpointing=true",
         "train.micro_batch_size=4"))
@@ -165,7 +165,7 @@ def test_two_ranks_bf16_zero(prepared_data, tmp_path, stage):
         assert conv.returncode == 0, conv.stderr[-3000:]
         assert f"resume with checkpoint.resume={universal} checkpoint.universal=true" in conv.stdout
         res = pretrain(tiny_overrides(
-            prepared_data, run, "precision.dtype=bf16", "precision.zero_stage=2", "train.max_steps=28",
+            prepared_data, run, "precision.dtype=bf16", "zero.stage=2", "train.max_steps=28",
             "train.eval_every=0", "checkpoint.save_every=0", "model.sharing=layerwise", "model.k=[32,16]",
             "train.activation_checkpointing=true", "train.micro_batch_size=8",
             f"checkpoint.resume={universal}", "checkpoint.universal=true"))

@@ -38,7 +38,7 @@ from linformer_train.train.checkpoint import (
 
 pytestmark = pytest.mark.slow
 
-TWO_RANK = ["train.max_steps=12", "train.eval_every=0", "checkpoint.save_every=4", "precision.zero_stage=1"]
+TWO_RANK = ["train.max_steps=12", "train.eval_every=0", "checkpoint.save_every=4", "zero.stage=1"]
 
 
 def _by_step(rows: list[dict]) -> dict[int, list[tuple]]:

@@ -88,8 +88,8 @@ def runs(prepared_data, tmp_path_factory):
     (per-rank model states and a bf16 optimizer shard). Each test works on a copy."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
-    for name, extra in {"z0": ["precision.zero_stage=0"],
-                        "z3": ["precision.zero_stage=3", "precision.dtype=bf16"]}.items():
+    for name, extra in {"z0": ["zero.stage=0"],
+                        "z3": ["zero.stage=3", "precision.dtype=bf16"]}.items():
         run = root / name
         res = pretrain(tiny_overrides(prepared_data, run, "train.max_steps=2", "checkpoint.save_every=2",
                                       "train.eval_every=0", *extra))
@@ -144,7 +144,7 @@ def test_a_payload_in_any_checkpoint_file_is_refused_by_resume_export_and_spectr
     run = copy_run(runs, kind, tmp_path / "run")
     marker = tmp_path / "pwned"
     plant(run / "checkpoints" / STEP, name, marker)
-    extra = ["precision.zero_stage=3", "precision.dtype=bf16"] if kind == "z3" else []
+    extra = ["zero.stage=3", "precision.dtype=bf16"] if kind == "z3" else []
     outcomes = {
         "resume": real_entry(tiny_overrides(prepared_data, run, "--resume", *extra)),
         "export": call(convert, ["export", str(run), str(tmp_path / "model")]),
@@ -177,7 +177,7 @@ def test_deepspeeds_own_loads_are_weights_only_even_without_our_prescan(runs, pr
     run = copy_run(runs, kind, tmp_path / "run")
     marker = tmp_path / "pwned"
     plant(run / "checkpoints" / STEP, name, marker)
-    extra = ["precision.zero_stage=3", "precision.dtype=bf16"] if kind == "z3" else []
+    extra = ["zero.stage=3", "precision.dtype=bf16"] if kind == "z3" else []
     res = run_cli([sys.executable, "-c", NO_PRESCAN, "launch/pretrain.py",
                    *tiny_overrides(prepared_data, run, "--resume", *extra)])
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]

@@ -32,7 +32,7 @@ def test_fp32_runs_log_the_gradient_norm_before_clipping_and_no_loss_scale(prepa
     tags = {}
     for stage in (0, 1):
         run = tmp_path / f"zero{stage}"
-        res = pretrain(tiny_overrides(prepared_data, run, *common, f"precision.zero_stage={stage}"))
+        res = pretrain(tiny_overrides(prepared_data, run, *common, f"zero.stage={stage}"))
         assert res.returncode == 0, res.stderr[-3000:]
         tags[stage] = scalars(run)
     for stage in (0, 1):

@@ -23,8 +23,8 @@ def cfg(*overrides):
 
 def test_ds_config_is_derived_from_the_yaml():
     ds = build_ds_config(cfg("train.micro_batch_size=4", "train.grad_accum_steps=3", "precision.dtype=bf16",
-                             "precision.zero_stage=3", "precision.offload_optimizer=true",
-                             "precision.offload_params=true", "optim.grad_clip=0.5"), world_size=2)
+                             "zero.stage=3", "zero.offload_optimizer=true",
+                             "zero.offload_params=true", "optim.grad_clip=0.5"), world_size=2)
     assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True} and "fp16" not in ds

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from linformer_train.config import Config, ConfigError, config_from_dict
+from linformer_train.config import Config, ConfigError, config_from_dict, upgrade_saved
 from linformer_train.convert import ConversionError
 from linformer_train.convert.model_dir import (build_model, check_output_dir, check_state_dict,
                                                expected_shapes, save_pretrained)
@@ -127,6 +127,8 @@ def read_checkpoint(ckpt: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     else:
         state = _stage0_fp32(client, path)
     client = {k: v for k, v in client.items() if k not in ("module", "optimizer")}
+    if isinstance(client.get("config"), dict):  # saved by an earlier version: moved keys moved
+        client["config"] = upgrade_saved(client["config"])
     client["zero_stage"] = stage
     return state, client, path
 

@@ -1,6 +1,6 @@
 """Downstream fine-tuning: sequence and sentence-pair classification on the pretraining engine.
 
-- ``config``   typed YAML schema (model, task, optim, train, precision, logging) and validate()
+- ``config``   typed YAML schema (model, task, optim, train, precision, zero, logging) and validate()
 - ``tasks``    presets (sst2, imdb, qnli, qqp via ``datasets``) and local CSV / TSV / JSONL files
 - ``data``     tokenization, truncation to the model's n, padding with an attention mask, rank sharding
 - ``metrics``  accuracy, F1, MCC

@@ -1,8 +1,8 @@
 """Typed fine-tuning configuration: YAML files merged over the schema below, then key=value overrides.
 
 Same contract as the pretraining config (``linformer_train.config``): unknown keys and wrong types
-fail at load with one line; every cross-field rule lives in :func:`validate`. The ``precision``
-and ``logging`` sections are the pretraining ones, so ZeRO, bf16 and offload work the same way,
+fail at load with one line; every cross-field rule lives in :func:`validate`. The ``precision``,
+``zero`` and ``logging`` sections are the pretraining ones, so ZeRO, bf16 and offload work the same way,
 through the same ``build_ds_config``.
 """
 
@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from linformer_train.config import (Config, ConfigError, LoggingConfig, OptimConfig, PrecisionConfig,
-                                    TrainConfig, _one_line, _parse_overrides, _read_yaml, check_finite,
-                                    check_raw_types, validate_precision)
+                                    TrainConfig, ZeroConfig, _one_line, _parse_overrides, _read_yaml,
+                                    check_finite, check_moved_keys, check_raw_types, validate_precision,
+                                    validate_zero)
 
 
 @dataclass
@@ -130,6 +131,7 @@ class FinetuneConfig:
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -140,7 +142,7 @@ CHOICES = {
     "task.metric": ("accuracy", "f1", "mcc"),
     "optim.decay": ("linear", "cosine", "constant"),
     "precision.dtype": ("fp32", "bf16", "fp16"),
-    "precision.zero_stage": (0, 1, 2, 3),
+    "zero.stage": (0, 1, 2, 3),
 }
 
 
@@ -154,6 +156,7 @@ def load_finetune_config(files: Sequence[str | Path] = (), overrides: Sequence[s
 
 
 def finetune_config_from_dict(raw: dict) -> FinetuneConfig:
+    check_moved_keys(raw or {})
     check_raw_types(FinetuneConfig, raw or {})
     try:
         merged = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), OmegaConf.create(raw or {}))
@@ -246,6 +249,7 @@ def validate(cfg: FinetuneConfig) -> None:
            f"train.seeds={tr.seeds} must be a non-empty list of distinct ints")
     _check(bool(tr.output_dir), "train.output_dir is empty; name a directory for results")
     validate_precision(cfg.precision)
+    validate_zero(cfg.zero)
     _check(cfg.logging.log_every > 0, f"logging.log_every={cfg.logging.log_every} must be positive")
 
 
@@ -278,4 +282,5 @@ def ds_view(cfg: FinetuneConfig) -> Config:
                              grad_accum_steps=cfg.train.grad_accum_steps)
     view.optim = OptimConfig(grad_clip=cfg.optim.grad_clip)
     view.precision = cfg.precision
+    view.zero = cfg.zero
     return view

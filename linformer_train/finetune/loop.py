@@ -147,7 +147,7 @@ def _build_optimizer(model, cfg: FinetuneConfig):
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    if cfg.precision.offload_optimizer:
+    if cfg.zero.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)

@@ -22,12 +22,13 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     """DeepSpeed config for ``world_size`` data-parallel ranks.
 
     Batch: DeepSpeed checks train_batch_size = micro x accumulation x ranks itself; we check it
-    first (with our keys' names in the message). The optimizer and its LR schedule are built by
-    the trainer (param groups without weight decay on biases and norms, a LambdaLR), so they are
-    not here. ``precision.deepspeed`` passes other keys through; one that collides with a derived
-    key is an error, so the YAML stays the single source of truth for batch, precision and ZeRO.
+    first (with our keys' names in the message). The optimizer is built by the trainer (param
+    groups without weight decay on biases and norms) and its LR is set on every step from
+    ``lr_at(step)``, a pure function of the step, so neither is here. ``precision.deepspeed`` passes
+    other keys through; one that collides with a derived key is an error, so the YAML stays the
+    single source of truth for batch, precision and ZeRO.
     """
-    t, p, o = cfg.train, cfg.precision, cfg.optim
+    t, p, z, o = cfg.train, cfg.precision, cfg.zero, cfg.optim
     global_batch = check_batch_arithmetic(t, world_size)
     ds: dict = {
         "train_batch_size": global_batch,
@@ -36,7 +37,7 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         "gradient_clipping": o.grad_clip,
         "steps_per_print": 2**31 - 1,  # we log; silence DeepSpeed's own step prints
         "wall_clock_breakdown": False,
-        "zero_optimization": {"stage": p.zero_stage},
+        "zero_optimization": {"stage": z.stage},
         # universal_checkpoint_info lets ds_to_universal convert any stage (see checkpoint.py)
         "checkpoint": {"load_universal": cfg.checkpoint.universal},
     }
@@ -52,13 +53,13 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
             "min_loss_scale": p.min_loss_scale,
         }
     zero = ds["zero_optimization"]
-    if p.zero_stage >= 2:
+    if z.stage >= 2:
         zero.update({"overlap_comm": True, "contiguous_gradients": True})
-    if p.zero_stage == 3:
+    if z.stage == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": False})
-    if p.offload_optimizer:
+    if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if p.offload_params:
+    if z.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
 
     if p.deepspeed:

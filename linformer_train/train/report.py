@@ -70,11 +70,11 @@ def model_line(cfg: Config, n_params: int) -> str:
 
 
 def engine_line(cfg: Config, world: int, device: torch.device, peak_flops: float) -> str:
-    p, t = cfg.precision, cfg.train
-    offload = " + optimizer offload" if p.offload_optimizer else ""
-    offload += " + parameter offload" if p.offload_params else ""
+    p, z, t = cfg.precision, cfg.zero, cfg.train
+    offload = " + optimizer offload" if z.offload_optimizer else ""
+    offload += " + parameter offload" if z.offload_params else ""
     where = "stated (train.peak_tflops)" if t.peak_tflops else "a measured matmul"
-    return (f"engine: DeepSpeed ZeRO-{p.zero_stage}{offload} | {p.dtype} | {world} rank(s) on {device.type} | "
+    return (f"engine: DeepSpeed ZeRO-{z.stage}{offload} | {p.dtype} | {world} rank(s) on {device.type} | "
             f"batch {t.micro_batch_size * t.grad_accum_steps * world} sequences = {t.micro_batch_size} x "
             f"{t.grad_accum_steps} accumulation x {world} rank(s) | MFU against {peak_flops / 1e12:.3g} "
             f"TFLOP/s from {where}")

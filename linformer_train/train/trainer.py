@@ -242,9 +242,9 @@ class Trainer:
 
         from linformer_train.model.memory import training_memory_floor
 
-        p, t = cfg.precision, cfg.train
-        floor = training_memory_floor(cfg.model, t.micro_batch_size, p.dtype, p.zero_stage, self.world_size,
-                                      t.activation_checkpointing, p.offload_optimizer, p.offload_params,
+        p, z, t = cfg.precision, cfg.zero, cfg.train
+        floor = training_memory_floor(cfg.model, t.micro_batch_size, p.dtype, z.stage, self.world_size,
+                                      t.activation_checkpointing, z.offload_optimizer, z.offload_params,
                                       cfg.data.mask_prob)
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         host = psutil.virtual_memory().available / local
@@ -264,7 +264,7 @@ class Trainer:
                 f"{floor.activations / gib:,.1f} GiB of activations at micro-batch {t.micro_batch_size}, "
                 f"n={cfg.model.max_seq_len}) but {device} is {have / gib:,.1f} GiB per rank; shrink "
                 f"model.vocab_size / hidden_size / num_layers or train.micro_batch_size, or spread it with "
-                f"precision.zero_stage over more ranks (or offload)")
+                f"zero.stage over more ranks (or offload)")
 
     def _claim_run_dir(self, cfg: Config) -> Optional[tuple[str, str]]:
         """Rank 0: lock the run folder and refuse (or, asked to, move aside) another run's files.
@@ -301,12 +301,12 @@ class Trainer:
         o = self.cfg.optim
         groups = param_groups(model, o.weight_decay)
         kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        if self.cfg.precision.offload_optimizer:
+        if self.cfg.zero.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload's own CPU AdamW
 
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
         fused = self.device.type == "cuda"  # fused AdamW kernel where the device has one
-        if self.cfg.precision.dtype == "fp32" and self.cfg.precision.zero_stage == 0:
+        if self.cfg.precision.dtype == "fp32" and self.cfg.zero.stage == 0:
             # the one mode where DeepSpeed hands steps straight to the optimizer with no overflow check
             return FiniteAdamW(groups, fused=fused, **kwargs)
         return torch.optim.AdamW(groups, fused=fused, **kwargs)

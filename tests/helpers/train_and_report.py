@@ -25,7 +25,7 @@ def main(argv):
     import deepspeed
 
     params = list(trainer.engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=cfg.precision.zero_stage == 3):
+    with deepspeed.zero.GatheredParameters(params, enabled=cfg.zero.stage == 3):
         checksum = [float(p.detach().double().sum()) for p in params]
     out = {"rank": rank, "checksum": checksum, "step": trainer.step}
     Path(cfg.train.run_dir, f"rank{rank}.json").write_text(json.dumps(out))
