@@ -52,7 +52,8 @@ class ModelConfig:
     projection: str = "linear"
     """linear (learned E, F of shape k x n) | mean (mean pooling) | conv (kernel = stride = n / k)."""
     sharing: str = "headwise"
-    """none (E, F per head) | headwise (per layer) | kv (E = F per layer) | layerwise (one matrix)."""
+    """none (E, F per head) | headwise (per layer) | kv (E = F per layer) | layerwise (one matrix).
+    conv takes headwise or kv; mean (no weights, nothing to share) only headwise."""
     projection_init: Optional[str] = None
     """How learned E, F start (projection=linear). window: mean pooling, slot s averaging the s-th
     of k equal windows of the n positions, then trained | mixed: those window means plus the dense
@@ -642,12 +643,14 @@ def validate(cfg: Config) -> None:
                    f"layer that reads the first {min(ks)} of the {max(ks)} shared windows only the start "
                    f"of the input; use one k for every layer, or short_input_scaling=sqrt (dense "
                    f"projections, projection_init=normal)")
-        if m.projection != "linear":
-            _check(
-                m.sharing in ("headwise", "kv") or m.projection == "mean",
-                f"model.sharing={m.sharing} applies to learned projections; "
-                f"with projection={m.projection} use sharing=headwise or kv",
-            )
+        if m.projection == "mean":
+            _check(m.sharing == "headwise",
+                   f"model.sharing={m.sharing} means nothing with projection=mean (mean pooling has no "
+                   f"weights to share); leave model.sharing at its default, headwise")
+        if m.projection == "conv":
+            _check(m.sharing in ("headwise", "kv"),
+                   f"model.sharing={m.sharing} applies to learned projections; "
+                   f"with projection={m.projection} use sharing=headwise or kv")
 
     d = cfg.data
     _check(all(isinstance(p, str) and p for p in d.paths),

@@ -60,6 +60,11 @@ ERRORS = [
     (["precision.zero_stage=2"], r"^config: precision.zero_stage has moved to zero.stage \(ZeRO has its own section\); "
                                  r"write zero.stage=2, or in YAML zero: \{stage: 2\}$"),
     (["precision.offload_optimizer=true"], r"^config: precision.offload_optimizer has moved to zero.offload_optimizer "),
+    (["model.projection=mean", "model.sharing=kv"], r"^model.sharing=kv means nothing with projection=mean \(mean "
+                                                    r"pooling has no weights to share\); leave model.sharing at its "
+                                                    r"default, headwise$"),
+    (["model.projection=mean", "model.sharing=layerwise"], r"^model.sharing=layerwise means nothing with projection=mean"),
+    (["model.projection=conv", "model.sharing=none"], r"^model.sharing=none applies to learned projections"),
     (["data.source=files"], r"^data.paths is empty but data.source=files"),
     (["optim.lr=-1"], r"^optim.lr=-1.0 must be positive$"),
     (["train.micro_batch_size=0"], r"^train.micro_batch_size=0 must be positive$"),
@@ -88,6 +93,10 @@ def test_zero_keys_of_the_precision_section_are_refused_in_files_and_moved_in_ch
     cfg = config_from_dict(upgraded)
     assert (cfg.zero.stage, cfg.zero.offload_params, cfg.precision.dtype) == (3, True, "bf16")
     assert upgrade_saved({"zero": {"stage": 1}}) == {"zero": {"stage": 1}}
+
+
+def test_mean_pooling_takes_the_default_sharing():
+    assert load_config([], ["model.projection=mean", "model.k=128"]).model.sharing == "headwise"
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -82,7 +82,7 @@ def test_window_init_is_mean_pooling_and_a_short_input_reads_as_a_prefix():
     proj = LinearProjection(k, n)
     x = torch.randn(2, 3, n, 8)                                  # (B, H, L, Dh)
     y, mask = proj(x, k, None)
-    pooled, _ = MeanPoolProjection(n)(x, k, None)
+    pooled, _ = MeanPoolProjection(k, n)(x)
     assert mask is None and torch.allclose(y, pooled, atol=1e-6)  # at init: mean pooling, unscaled
     # 13 real tokens reach windows 0-3 (window 3 starts at position 12): 4 slots, the same values
     # a long input has in them; a batch padded to 20 computes 5 slots and masks the 5th for it

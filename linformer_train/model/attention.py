@@ -89,16 +89,12 @@ class LinearProjection(nn.Module):
         self.init = init
         self.init_weights()
 
-    @property
-    def k(self) -> int:
-        return self.weight.shape[-2]
-
     def init_weights(self) -> None:
         if self.init in ("normal", "mixed"):
             nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.max_seq_len))
         if self.init == "normal":
             return
-        k, n = self.k, self.max_seq_len
+        k, n = self.weight.shape[-2:]
         slot = torch.div(torch.arange(n) * k, n, rounding_mode="floor")  # (n,) window of each position
         rows = (slot[None, :] == torch.arange(k)[:, None]).float()        # (k, n) one-hot windows
         windows = (rows / rows.sum(-1, keepdim=True)).expand_as(self.weight)
@@ -161,17 +157,17 @@ def _project_shared(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class MeanPoolProjection(nn.Module):
-    """Mean pooling over windows of n / k tokens: no parameters. Padded tokens are excluded from
-    each mean; a window holding no real token is masked out of attention."""
+    """Mean pooling over windows of n / k tokens: no parameters (so nothing to share between heads,
+    keys and values or layers). Padded tokens are excluded from each mean; a window holding no real
+    token is masked out of attention."""
 
-    def __init__(self, max_seq_len: int):
+    def __init__(self, k: int, max_seq_len: int):
         super().__init__()
-        self.max_seq_len = max_seq_len
+        self.window = max_seq_len // k
 
-    def forward(self, x: torch.Tensor, k_used: int, lengths: Optional[torch.Tensor],
-                mask: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
         B, H, L, Dh = x.shape
-        w = self.max_seq_len // k_used                          # window = n / k
+        w = self.window
         slots = (L + w - 1) // w                                # ceil, exportable (see above)
         x = F.pad(x, (0, 0, 0, slots * w - L))                  # (B, H, S*w, Dh)
         summed = x.view(B, H, slots, w, Dh).sum(dim=3)          # (B, H, S, Dh)
@@ -192,8 +188,7 @@ class ConvProjection(nn.Module):
     def init_weights(self) -> None:
         nn.init.normal_(self.conv.weight, std=1.0 / math.sqrt(self.conv.weight[0].numel()))
 
-    def forward(self, x: torch.Tensor, k_used: int, lengths: Optional[torch.Tensor],
-                mask: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
         B, H, L, Dh = x.shape
         w = self.window
         slots = (L + w - 1) // w                                # ceil, exportable (see above)
@@ -222,16 +217,19 @@ def build_projection(kind: str, k: int, max_seq_len: int, num_heads: int, head_d
         return LinearProjection(k, max_seq_len, num_heads if per_head else None, short_input_scaling,
                                 init)
     if kind == "mean":
-        return MeanPoolProjection(max_seq_len)
+        return MeanPoolProjection(k, max_seq_len)
     if kind == "conv":
         return ConvProjection(k, max_seq_len, head_dim)
     raise ValueError(f"unknown projection kind {kind!r}; choose linear, mean or conv")
 
 
 def project(proj: nn.Module, x: torch.Tensor, k_used: int, lengths, mask):
+    """(B, H, L, Dh) -> (B, H, S, Dh) and the slots' key mask. Learned rows read the layer's k_used
+    of a (possibly layerwise-shared) matrix and the real lengths; pooling has its own fixed window
+    and needs the token mask."""
     if isinstance(proj, LinearProjection):
         return proj(x, k_used, lengths)
-    return proj(x, k_used, lengths, mask)
+    return proj(x, mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,9 +248,7 @@ class _SelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
 
-    def split_heads(self, x: torch.Tensor):
-        """Q, K, V from the fused projection: (B, L, D) -> 3 x (B, H, L, Dh) views (also read by
-        the spectrum measurement)."""
+    def _split(self, x: torch.Tensor):
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)              # 3 x (B, H, L, Dh)
@@ -270,7 +266,7 @@ class FullSelfAttention(_SelfAttention):
     """Softmax attention over all L keys through SDPA (flash / memory-efficient kernels)."""
 
     def forward(self, x, mask: Optional[torch.Tensor] = None, lengths=None, shared=None):
-        q, k, v = self.split_heads(x)
+        q, k, v = self._split(x)
         attn_mask = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, L)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self._dropout_p)
         return self._merge(y)
@@ -281,7 +277,7 @@ class NaiveSelfAttention(_SelfAttention):
     O(n^2) baseline. Softmax in fp32."""
 
     def forward(self, x, mask: Optional[torch.Tensor] = None, lengths=None, shared=None):
-        q, k, v = self.split_heads(x)
+        q, k, v = self._split(x)
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, L, L)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, None, :].bool(), float("-inf"))
@@ -313,15 +309,15 @@ class LinformerSelfAttention(_SelfAttention):
 
     def forward(self, x, mask: Optional[torch.Tensor] = None, lengths=None,
                 shared: Optional[nn.Module] = None):
-        q, k, v = self.split_heads(x)                                  # (B, H, L, Dh)
+        q, keys, values = self._split(x)                          # (B, H, L, Dh)
         if mask is not None:
-            keep = mask[:, None, :, None].to(k.dtype)             # (B, 1, L, 1)
-            k, v = k * keep, v * keep                             # zero padded rows before E, F
+            keep = mask[:, None, :, None].to(keys.dtype)          # (B, 1, L, 1)
+            keys, values = keys * keep, values * keep             # zero padded rows before E, F
         proj_k = self.proj_k if self.proj_k is not None else shared
         proj_v = self.proj_v if self.proj_v is not None else proj_k
         if proj_k is None:
             raise RuntimeError("layerwise sharing needs the encoder's shared projection")
-        k, slot_mask = project(proj_k, k, self.k, lengths, mask)  # (B, H, S, Dh)
-        v, _ = project(proj_v, v, self.k, lengths, mask)          # (B, H, S, Dh)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=slot_mask, dropout_p=self._dropout_p)
+        keys, slot_mask = project(proj_k, keys, self.k, lengths, mask)  # (B, H, S, Dh), S <= self.k
+        values, _ = project(proj_v, values, self.k, lengths, mask)      # (B, H, S, Dh)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=slot_mask, dropout_p=self._dropout_p)
         return self._merge(y)                                     # (B, L, D)
