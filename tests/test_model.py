@@ -123,6 +123,22 @@ def test_nested_k_layerwise_shares_first_rows_and_gets_gradient():
     assert shared.grad[:4].abs().sum() > 0 and shared.grad[4:].abs().sum() > 0
 
 
+def test_nested_k_layer_reads_exactly_the_first_rows():
+    """Layer 1 (k=4) depends on rows 0..3 of the shared matrix and on nothing past them: changing
+    rows 4..15 leaves its output bit-identical, changing rows 0..3 does not."""
+    torch.manual_seed(0)
+    model = LinformerForMLM(model_cfg(sharing="layerwise", k=[16, 4])).eval()
+    shared = model.encoder.shared_projection
+    attn = model.encoder.layers[1].attn
+    x = torch.randn(2, 64, 64)
+    with torch.no_grad():
+        before = attn(x, shared=shared)
+        shared.weight[4:] += 1.0
+        assert torch.equal(attn(x, shared=shared), before)
+        shared.weight[:4] += 1.0
+        assert not torch.allclose(attn(x, shared=shared), before, atol=1e-3)
+
+
 def test_k_schedule_forms():
     assert LinformerEncoder(model_cfg(k=[32, 8])).k_schedule == [32, 8]
     cfg = model_cfg(num_layers=4, k={"first": 64, "last": 16, "multiple_of": 16})
@@ -166,7 +182,37 @@ def test_activation_checkpointing_matches_plain_gradients():
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
 
 
-def test_pre_norm_and_classification_head():
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_a_block_normalises_where_the_config_says(norm):
+    """pre: x + attn(LN(x)), then + ffn(LN(.)); post: LN(x + attn(x)), then LN(. + ffn(.)); an
+    encoder with pre-norm ends in a final LayerNorm, one with post-norm needs none."""
+    torch.manual_seed(0)
+    encoder = LinformerEncoder(model_cfg(norm=norm, num_layers=1)).eval()
+    block = encoder.layers[0]
+    x = torch.randn(2, 64, 64) * 3 + 1                           # far from normalised
+
+    def attn(h):
+        return block.attn(h)
+
+    def ffn(h):
+        return block.ffn_out(torch.nn.functional.gelu(block.ffn_in(h)))
+
+    with torch.no_grad():
+        if norm == "pre":
+            h = x + attn(block.attn_norm(x))
+            want = h + ffn(block.ffn_norm(h))
+        else:
+            h = block.attn_norm(x + attn(x))
+            want = block.ffn_norm(h + ffn(h))
+        assert torch.allclose(block(x), want, atol=1e-5)
+        out = encoder(torch.randint(5, 97, (2, 64)))
+    assert (encoder.final_norm is not None) == (norm == "pre")
+    last = encoder.final_norm if norm == "pre" else block.ffn_norm  # the output is some LayerNorm's
+    centred = (out - out.mean(-1, keepdim=True)) / (out.var(-1, unbiased=False, keepdim=True) + last.eps).sqrt()
+    assert torch.allclose(out, centred * last.weight + last.bias, atol=1e-4)
+
+
+def test_pre_norm_classification_head():
     cfg = model_cfg(norm="pre", num_labels=3)
     clf = LinformerForSequenceClassification(cfg)
     logits = clf(torch.randint(5, 97, (4, 20)), torch.ones(4, 20, dtype=torch.long))
