@@ -1,4 +1,4 @@
-"""Reading torch files without running code from them.
+"""Reading saved files without running code from them: torch files weights-only, JSON records checked.
 
 A ``.pt`` file is a pickle: loaded with ``weights_only=False`` it can call any Python function (a
 checkpoint from a stranger, or one someone edited on a shared disk, runs their code as you). Every
@@ -15,15 +15,18 @@ DeepSpeed record types listed in ``DEEPSPEED_SAFE_GLOBALS`` (plain data classes 
   ``ds_to_universal``). Every entry point calls it first (``cli.run_main``), the Trainer again.
 - ``allow_deepspeed_records()`` allow-lists DeepSpeed's record types; called wherever DeepSpeed is
   about to read its own files (it imports DeepSpeed, so not at start-up).
+- ``read_json_object(path, error, ...)`` reads what needs more than tensors (manifests, model and
+  tokenizer records): a file that is not a JSON object is one line of the caller's error type.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
@@ -130,3 +133,17 @@ def load(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False)
         if is_refusal(exc):
             raise _refusal(path, [refused_global(exc)]) from None
         raise
+
+
+def read_json_object(path: str | os.PathLike, error: Callable[[str], Exception],
+                     what: str = "valid JSON (an object)", fix: str = "") -> dict:
+    """The JSON object in ``path``. A file that does not parse, or holds a list, a string or a
+    number instead of an object, raises ``error("<path> is not <what>; <fix>")``: one line, in the
+    error type of the layer that reads it (DataError, ConversionError ...)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError:  # UnicodeDecodeError included
+        data = None
+    if not isinstance(data, dict):
+        raise error(f"{path} is not {what}" + (f"; {fix}" if fix else ""))
+    return data

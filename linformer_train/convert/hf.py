@@ -58,6 +58,7 @@ from linformer_train.convert import ConversionError
 from linformer_train.convert.model_dir import (build_model, check_output_dir, check_tokenizer,
                                                save_pretrained)
 from linformer_train.convert.resize import POSITION_METHODS, extend_positions
+from linformer_train.serialization import read_json_object
 
 FAMILIES = {
     "roberta": {"prefix": "roberta.", "vocab_style": "bytelevel",
@@ -99,10 +100,7 @@ def read_hf_config(hf_dir: Path) -> dict:
 
         raise ConversionError(f"{hf_dir} is not a Hugging Face model directory (no config.json); "
                               f"{_hint_for_foreign(hf_dir)}")
-    try:
-        cfg = json.loads(path.read_text())
-    except ValueError:
-        raise ConversionError(f"{path} is not valid JSON") from None
+    cfg = read_json_object(path, ConversionError)
     kind = cfg.get("model_type")
     if kind not in FAMILIES:
         raise ConversionError(f"{hf_dir} holds a {kind!r} model; warm start supports "

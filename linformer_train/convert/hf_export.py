@@ -35,6 +35,7 @@ from linformer_train.convert.model_dir import (INFO_FILE, WEIGHTS_FILE, atomic_o
                                                load_model_info, load_state, read_model_config,
                                                save_pretrained, tokenizer_file)
 from linformer_train.data.tokenizer import sha256_file
+from linformer_train.serialization import read_json_object
 
 ORIGINAL_DIR = "linformer"
 EXPORT_RECORD = "export.json"
@@ -170,12 +171,9 @@ def _read_hf_config(hf_dir: Path) -> dict:
         raise ConversionError(f"{hf_dir} does not exist")
     if not cfg_file.is_file():
         raise ConversionError(f"{hf_dir} is not a transformers model directory (no config.json)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except ValueError:
-        raise ConversionError(f"{cfg_file} is not valid JSON") from None
-    if not isinstance(raw, dict) or raw.get("model_type") != MODEL_TYPE:
-        kind = raw.get("model_type") if isinstance(raw, dict) else None
+    raw = read_json_object(cfg_file, ConversionError)
+    if raw.get("model_type") != MODEL_TYPE:
+        kind = raw.get("model_type")
         hint = (f"; a RoBERTa/BERT model converts with `tools/convert.py warm-start {hf_dir} OUT`"
                 if kind else "")
         raise ConversionError(f"{cfg_file} describes a {kind!r} model, not a {MODEL_TYPE!r} one{hint}")

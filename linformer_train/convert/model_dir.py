@@ -34,6 +34,7 @@ from torch import nn
 
 from linformer_train.config import ConfigError, ModelConfig, config_from_dict
 from linformer_train.convert import ConversionError
+from linformer_train.serialization import read_json_object
 
 FORMAT = "linformer-train-model"
 FORMAT_VERSION = 1
@@ -276,10 +277,7 @@ def load_model_info(path: str | os.PathLike) -> dict:
     if not info_file.is_file():
         raise ConversionError(f"{path} is not a linformer-train model directory (no {INFO_FILE}); "
                               f"{_hint_for_foreign(path)}")
-    try:
-        info = json.loads(info_file.read_text())
-    except ValueError:
-        raise ConversionError(f"{info_file} is not valid JSON; export the model again") from None
+    info = read_json_object(info_file, ConversionError, fix="export the model again")
     if info.get("format") != FORMAT:
         raise ConversionError(f"{info_file} is not a linformer-train model description "
                               f"(format {info.get('format')!r}); {_hint_for_foreign(path)}")
