@@ -32,7 +32,6 @@ from linformer_train.spectrum import (
     reservoir,
     schedule_yaml,
 )
-from linformer_train.spectrum import _split_heads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +107,7 @@ def test_probabilities_are_the_ones_the_model_uses():
     torch.manual_seed(0)
     attn = FullSelfAttention(32, 4, 0.0).eval()
     x = torch.randn(2, 24, 32)
-    q, k, v = _split_heads(attn, x)
+    q, k, v = attn.split_heads(x)
     p = attention_probabilities(q, k)                               # (2, 4, 24, 24)
     assert torch.allclose(p.sum(-1), torch.ones(2, 4, 24), atol=1e-6)
     y = torch.matmul(p, v)                                          # (2, 4, 24, 8)

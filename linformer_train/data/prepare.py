@@ -226,6 +226,19 @@ def _unit_hash(index: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+def pack_rows(carry: np.ndarray, stream: np.ndarray, seq_len: int, bos_id: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The packing rule: the token stream ``carry + stream`` cut into rows of n - 1 tokens, each
+    block ``<s>`` + one row: (blocks (k, n), the partial row left over for the next stream)."""
+    row = seq_len - 1
+    buf = np.concatenate([carry, stream]) if carry.size else stream
+    k = len(buf) // row
+    blocks = np.empty((k, seq_len), buf.dtype)
+    blocks[:, 0] = bos_id
+    blocks[:, 1:] = buf[: k * row].reshape(k, row)
+    return blocks, buf[k * row:].copy()
+
+
 class _SplitWriter:
     """Appends ``<s>`` + (n-1) stream tokens per block to one .bin file; keeps the partial row."""
 
@@ -237,16 +250,11 @@ class _SplitWriter:
         self.documents = 0
 
     def write(self, stream: np.ndarray) -> None:
-        row = self.seq_len - 1
-        buf = np.concatenate([self.carry, stream]) if self.carry.size else stream
-        k = len(buf) // row
-        if k:
-            blocks = np.empty((k, self.seq_len), self.dtype)
-            blocks[:, 0] = self.bos_id
-            blocks[:, 1:] = buf[: k * row].reshape(k, row)
+        blocks, self.carry = pack_rows(self.carry, stream.astype(self.dtype, copy=False), self.seq_len,
+                                       self.bos_id)
+        if len(blocks):
             self.file.write(blocks.tobytes())
-            self.blocks += k
-        self.carry = buf[k * row:].copy()
+            self.blocks += len(blocks)
 
     def close(self) -> None:
         self.file.close()

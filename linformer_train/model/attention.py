@@ -248,7 +248,9 @@ class _SelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
 
-    def _split(self, x: torch.Tensor):
+    def split_heads(self, x: torch.Tensor):
+        """Q, K, V from the fused projection: (B, L, D) -> 3 x (B, H, L, Dh) views (also read by
+        the spectrum measurement)."""
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)              # 3 x (B, H, L, Dh)
@@ -266,7 +268,7 @@ class FullSelfAttention(_SelfAttention):
     """Softmax attention over all L keys through SDPA (flash / memory-efficient kernels)."""
 
     def forward(self, x, mask: Optional[torch.Tensor] = None, lengths=None, shared=None):
-        q, k, v = self._split(x)
+        q, k, v = self.split_heads(x)
         attn_mask = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, L)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self._dropout_p)
         return self._merge(y)
@@ -277,7 +279,7 @@ class NaiveSelfAttention(_SelfAttention):
     O(n^2) baseline. Softmax in fp32."""
 
     def forward(self, x, mask: Optional[torch.Tensor] = None, lengths=None, shared=None):
-        q, k, v = self._split(x)
+        q, k, v = self.split_heads(x)
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, L, L)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, None, :].bool(), float("-inf"))
@@ -309,7 +311,7 @@ class LinformerSelfAttention(_SelfAttention):
 
     def forward(self, x, mask: Optional[torch.Tensor] = None, lengths=None,
                 shared: Optional[nn.Module] = None):
-        q, keys, values = self._split(x)                          # (B, H, L, Dh)
+        q, keys, values = self.split_heads(x)                          # (B, H, L, Dh)
         if mask is not None:
             keep = mask[:, None, :, None].to(keys.dtype)          # (B, 1, L, 1)
             keys, values = keys * keep, values * keep             # zero padded rows before E, F

@@ -8,8 +8,8 @@ one concern a module: :mod:`.maths` (one matrix), :mod:`.measuring` (hooks over 
 (the model and the samples), :mod:`.plots` and :mod:`.runs` (loss curves of study runs).
 
 How it measures. The encoder runs on one sequence of n real tokens at a time (eval mode, no grad). A
-forward hook on every attention module takes the layer's input x, recomputes Q and K from the
-module's own ``qkv`` projection (``FullSelfAttention`` uses SDPA and never materialises P, and the
+forward hook on every attention module takes the layer's input x, recomputes Q and K with the
+module's own ``split_heads`` (``FullSelfAttention`` uses SDPA and never materialises P, and the
 model's hot path is left untouched), forms P for a few heads at a time in fp32, and reduces it at once
 to its singular values (``torch.linalg.svdvals``, fp32 or fp64). Only small summaries survive a
 sample: the normalised cumulative spectrum c_r = (s_1 + ... + s_r) / sum(s) at a fixed set of ranks,
@@ -38,7 +38,6 @@ from linformer_train.spectrum.inputs import (
 from linformer_train.spectrum.maths import (
     MAX_CURVE_POINTS,
     SHARE_GRID,
-    _split_heads,
     attention_probabilities,
     curve_ranks,
     effective_rank,

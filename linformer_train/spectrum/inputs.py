@@ -11,6 +11,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 from torch import nn
 
+from linformer_train.data.prepare import pack_rows
 from linformer_train.spectrum.result import SpectrumError
 
 
@@ -26,19 +27,16 @@ def evenly_spaced(count: int, available: int) -> np.ndarray:
 
 def packed_blocks(token_lists: Iterable[Sequence[int]], seq_len: int, bos: int, eos: int
                   ) -> Iterator[np.ndarray]:
-    """Documents packed as the data pipeline packs them (``data/prepare.py``): a stream
+    """Documents packed by the data pipeline's own rule (``data.prepare.pack_rows``): a stream
     ``doc </s> doc </s> ...`` cut into rows of n - 1 tokens, each block ``<s>`` + one row. The tail
     that fills no block is dropped; empty documents are skipped."""
-    row = seq_len - 1
-    buf: list[int] = []
+    carry = np.empty(0, dtype=np.int64)
     for ids in token_lists:
         if len(ids) == 0:
             continue
-        buf.extend(int(i) for i in ids)
-        buf.append(eos)
-        while len(buf) >= row:
-            yield np.asarray([bos, *buf[:row]], dtype=np.int64)
-            del buf[:row]
+        stream = np.append(np.asarray(ids, dtype=np.int64), np.int64(eos))
+        blocks, carry = pack_rows(carry, stream, seq_len, bos)
+        yield from blocks
 
 
 def reservoir(blocks: Iterable[np.ndarray], count: int, seed: int) -> list[np.ndarray]:

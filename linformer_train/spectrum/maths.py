@@ -8,7 +8,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 SHARE_GRID: tuple[float, ...] = tuple(round(0.5 + 0.01 * i, 2) for i in range(50)) + (0.995, 0.999)
 """Shares whose rank-needed is kept per sample, so recommendations at any of them need no re-run."""
@@ -48,15 +47,6 @@ def curve_ranks(m: int, max_points: int = MAX_CURVE_POINTS) -> np.ndarray:
         return np.arange(1, m + 1)
     return np.unique(np.geomspace(1, m, max_points).round().astype(np.int64))
 
-
-
-def _split_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q, K, V of an attention module from its own fused projection: 3 x (B, H, L, Dh)."""
-    B, L, _ = x.shape
-    H, Dh = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(x).view(B, L, 3, H, Dh)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, Dh)
-    return q, k, v
 
 
 def attention_probabilities(q: torch.Tensor, k: torch.Tensor,

@@ -12,7 +12,6 @@ from torch import nn
 
 from linformer_train.spectrum.maths import (
     SHARE_GRID,
-    _split_heads,
     attention_probabilities,
     curve_ranks,
     effective_rank,
@@ -113,7 +112,7 @@ def _layer_hook(acc: _Accumulator, layer: int, svd_dtype: torch.dtype, chunk: in
         mask = args[1] if len(args) > 1 else kwargs.get("mask")
         if x.shape[0] != 1:
             raise RuntimeError("the spectrum hooks expect one sequence per forward")
-        q, k, v = _split_heads(module, x)                       # (1, H, n, Dh)
+        q, k, v = module.split_heads(x)                       # (1, H, n, Dh)
         for start in range(0, module.num_heads, chunk):
             heads = slice(start, min(module.num_heads, start + chunk))
             p = attention_probabilities(q[0, heads], k[0, heads])  # (h, n, n) fp32
