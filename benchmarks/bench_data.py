@@ -60,7 +60,8 @@ def data_cfg(*overrides: str):
 
 def bench_tokenizer(work: Path, vocab: int) -> Path:
     """A realistic tokenizer (unigram, 8192 pieces) trained once on the built-in corpus."""
-    from linformer_train.data.tokenizer import model_path, train_tokenizer
+    from linformer_train.data.pipeline import train_tokenizer
+    from linformer_train.data.tokenizer import model_path
 
     path = model_path(work / f"tokenizer-{vocab}")
     if not path.is_file():
@@ -95,7 +96,8 @@ def throughput(args) -> dict:
     import sentencepiece as spm
 
     from linformer_train.data.corpus import builtin_documents
-    from linformer_train.data.prepare import ensure_prepared, open_prepared
+    from linformer_train.data.pipeline import ensure_prepared
+    from linformer_train.data.prepare import open_prepared
 
     work = Path(args.workdir)
     tok = bench_tokenizer(work, args.vocab)
@@ -206,7 +208,7 @@ def memory(args) -> dict:
 
 
 def _prepare(args) -> None:
-    from linformer_train.data.prepare import ensure_prepared
+    from linformer_train.data.pipeline import ensure_prepared
 
     cfg = data_cfg("data.source=files", f"data.paths=[{args.paths}]", f"data.tokenizer={args.tokenizer}",
                    f"data.num_proc={args.num_proc}", f"data.prepared_dir={args.out}")
@@ -221,7 +223,8 @@ def loader(args) -> dict:
 
     from linformer_train.data.loader import MLMLoader
     from linformer_train.data.masking import MLMMasker
-    from linformer_train.data.prepare import ensure_prepared, open_prepared
+    from linformer_train.data.pipeline import ensure_prepared
+    from linformer_train.data.prepare import open_prepared
     from linformer_train.data.tokenizer import load_tokenizer
 
     work = Path(args.workdir)

@@ -48,7 +48,7 @@ TINY = [
 def prepared_data(tmp_path_factory) -> Path:
     """Tokenizer + packed blocks made once per session; tests point data.prepared_dir at it."""
     from linformer_train.config import load_config
-    from linformer_train.data.prepare import ensure_prepared
+    from linformer_train.data.pipeline import ensure_prepared
 
     root = tmp_path_factory.mktemp("prepared")
     cfg = load_config([], TINY + [f"data.prepared_dir={root / 'data'}"])

@@ -30,7 +30,7 @@ N = 32
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory) -> Path:
-    from linformer_train.data.tokenizer import train_tokenizer
+    from linformer_train.data.pipeline import train_tokenizer
 
     root = tmp_path_factory.mktemp("tok")
     rng = random.Random(0)

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import proc
 from linformer_train.config import load_config
-from linformer_train.data.tokenizer import train_tokenizer
+from linformer_train.data.pipeline import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

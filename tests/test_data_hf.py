@@ -11,8 +11,8 @@ import pytest
 from linformer_train.config import load_config
 from linformer_train.data import DataError
 from linformer_train.data.corpus import HFSource
-from linformer_train.data.prepare import ensure_prepared, open_prepared
-from linformer_train.data.tokenizer import train_tokenizer
+from linformer_train.data.pipeline import ensure_prepared, train_tokenizer
+from linformer_train.data.prepare import open_prepared
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,8 @@ import torch
 from helpers import proc
 from linformer_train.config import load_config
 from linformer_train.data import DataError
-from linformer_train.data.loader import MLMLoader, build_training_data, validation_batches
+from linformer_train.data.loader import MLMLoader, validation_batches
+from linformer_train.data.pipeline import build_training_data
 from linformer_train.data.masking import IGNORE_INDEX, MLMMasker
 from linformer_train.data.tokenizer import SPECIAL_IDS
 

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from linformer_train.config import load_config
 from linformer_train.data import DataError
-from linformer_train.data.prepare import (SPLIT_SEED, Packer, _unit_hash, ensure_prepared, open_prepared,
-                                          summarize)
-from linformer_train.data.tokenizer import BOS_ID, EOS_ID, load_tokenizer, train_tokenizer
+from linformer_train.data.pipeline import ensure_prepared, train_tokenizer
+from linformer_train.data.prepare import SPLIT_SEED, Packer, _unit_hash, open_prepared, summarize
+from linformer_train.data.tokenizer import BOS_ID, EOS_ID, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,8 @@ def test_packer_property(lengths, n, fraction, batch, wide):
     expected = split_streams([[int(t) for t in d] for d in docs], fraction)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        packer = Packer(out, n, dtype, fraction, allow_uneven_split=True)  # the packing itself, here
+        packer = Packer(out, n, dtype, fraction, bos_id=BOS_ID, eos_id=EOS_ID,  # the packing itself, here
+                        allow_uneven_split=True)
         for i in range(0, len(docs), batch):  # batch boundaries must not matter
             part = docs[i:i + batch]
             values = np.array([t for d in part for t in d], dtype=dtype)

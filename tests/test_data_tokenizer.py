@@ -12,8 +12,8 @@ import sentencepiece as spm
 
 from linformer_train.config import load_config
 from linformer_train.data import DataError
-from linformer_train.data.tokenizer import (BOS_ID, EOS_ID, MASK_ID, PAD_ID, UNK_ID, load_tokenizer,
-                                            meta_path, train_tokenizer)
+from linformer_train.data.pipeline import train_tokenizer
+from linformer_train.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, UNK_ID, load_tokenizer, meta_path
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model_dir(corpus, tmp_path_factory):
-    from linformer_train.data.tokenizer import train_tokenizer
+    from linformer_train.data.pipeline import train_tokenizer
 
     root = tmp_path_factory.mktemp("embed")
     tok = train_tokenizer(DataConfig(source="files", paths=[str(corpus)], format="text"), root / "tok", 600)

@@ -39,7 +39,7 @@ def data(tmp_path_factory) -> Path:
     """A tokenizer, a tiny randomly initialised 'pretrained' model (n=64) and generated tasks:
     single sentences (label = the polarity of the one sentiment word) and pairs (label = the
     polarity of the hypothesis, with a sentiment word in the premise as a distractor)."""
-    from linformer_train.data.tokenizer import train_tokenizer
+    from linformer_train.data.pipeline import train_tokenizer
 
     root = tmp_path_factory.mktemp("ft")
     rng = random.Random(0)

@@ -50,7 +50,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def toks(corpus, tmp_path_factory) -> dict[str, Path]:
     """Unigram and BPE sentencepiece models trained here on Python's reference topics."""
-    from linformer_train.data.tokenizer import train_tokenizer
+    from linformer_train.data.pipeline import train_tokenizer
 
     root = tmp_path_factory.mktemp("toks")
     return {kind: train_tokenizer(DataConfig(source="files", paths=[str(corpus)], format="text",

@@ -158,7 +158,7 @@ def test_warm_start_keeps_the_own_tokenizer_and_runs_end_to_end(bert, tmp_path, 
     blocks = np.fromfile(run_dir / "data" / "train.bin", dtype=np.uint16).reshape(-1, 64)
     assert (blocks[:, 0] == CLS).all() and (blocks == SEP).any() and not np.isin(blocks, [PAD, MASK]).any()
     from linformer_train.config import load_config
-    from linformer_train.data.loader import build_training_data
+    from linformer_train.data.pipeline import build_training_data
 
     cfg = load_config([run_dir / "config.yaml"], [])
     data = build_training_data(cfg.data, cfg.model, cfg.train, run_dir)

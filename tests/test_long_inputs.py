@@ -48,7 +48,7 @@ def long_review(rng: random.Random, label: bool) -> str:
 def data(tmp_path_factory):
     """A tokenizer, a random 'pretrained' MLM and a classifier (n=64),
     and a task of reviews of over 3.5 n tokens whose label only the text past the first n tells."""
-    from linformer_train.data.tokenizer import train_tokenizer
+    from linformer_train.data.pipeline import train_tokenizer
 
     root = tmp_path_factory.mktemp("long")
     rng = random.Random(0)

@@ -187,14 +187,13 @@ def stubs(monkeypatch):
     """What an accepted input would start (a process group, a data preparation, a tokenizer
     training, a fine-tuning task, an estimate, a resize) becomes `accepted`: a failed case."""
     import linformer_train.convert.resize as resize
-    import linformer_train.data.prepare as prepare
-    import linformer_train.data.tokenizer as tokenizer
+    import linformer_train.data.pipeline as pipeline
     import linformer_train.finetune.loop as loop
     import linformer_train.profiling as profiling
     import linformer_train.train.distributed as distributed
 
-    for module, name in [(distributed, "init_distributed"), (prepare, "ensure_prepared"),
-                         (tokenizer, "train_tokenizer"), (loop, "prepare_task"),
+    for module, name in [(distributed, "init_distributed"), (pipeline, "ensure_prepared"),
+                         (pipeline, "train_tokenizer"), (loop, "prepare_task"),
                          (profiling, "estimate"), (resize, "resize_model_dir")]:
         monkeypatch.setattr(module, name, accept)
 

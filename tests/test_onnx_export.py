@@ -31,7 +31,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok(corpus, tmp_path_factory):
-    from linformer_train.data.tokenizer import train_tokenizer
+    from linformer_train.data.pipeline import train_tokenizer
 
     return train_tokenizer(DataConfig(source="files", paths=[str(corpus)], format="text"),
                            tmp_path_factory.mktemp("tok"), 400)

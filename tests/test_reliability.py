@@ -271,7 +271,7 @@ def _edit_json(path: Path, edit) -> None:
 
 def _other_tokenizer(tmp: Path) -> Path:
     from linformer_train.config import load_config
-    from linformer_train.data.tokenizer import train_tokenizer
+    from linformer_train.data.pipeline import train_tokenizer
 
     cfg = load_config([], ["data.max_documents=150", "data.tokenizer_vocab_size=400", "model.vocab_size=512"])
     return Path(train_tokenizer(cfg.data, tmp / "other_tokenizer", 400))

@@ -222,7 +222,7 @@ def test_a_payload_in_a_pytorch_model_bin_is_refused_by_warm_start(tmp_path):
 def write_tokenizer(tmp_path: Path, vocab: int = 512, docs: int = 40) -> Path:
     """A small sentencepiece tokenizer of this project's kind, trained here."""
     from linformer_train.config import load_config
-    from linformer_train.data.tokenizer import train_tokenizer
+    from linformer_train.data.pipeline import train_tokenizer
 
     corpus = write_topics(tmp_path / f"corpus-{docs}.txt", docs)
     cfg = load_config([], ["data.source=files", f"data.paths=[{corpus}]", f"data.tokenizer_vocab_size={vocab}",

@@ -338,8 +338,7 @@ def model_and_data(tmp_path_factory):
     import linformer_train.config as config_module
     from linformer_train.config import DataConfig
     from linformer_train.convert.model_dir import save_pretrained
-    from linformer_train.data.prepare import ensure_prepared
-    from linformer_train.data.tokenizer import train_tokenizer
+    from linformer_train.data.pipeline import ensure_prepared, train_tokenizer
 
     root = tmp_path_factory.mktemp("spectrum_e2e")
     corpus = root / "corpus.txt"

@@ -46,7 +46,8 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
 
     from linformer_train.config import load_config
-    from linformer_train.data.prepare import ensure_prepared, open_prepared, summarize
+    from linformer_train.data.pipeline import ensure_prepared
+    from linformer_train.data.prepare import open_prepared, summarize
 
     flags = source_overrides(args)
     for value, key in ((args.out, "data.prepared_dir"), (args.seq_len, "model.max_seq_len"),

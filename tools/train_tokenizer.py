@@ -41,8 +41,9 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
 
     from linformer_train.config import load_config
+    from linformer_train.data.pipeline import train_tokenizer
     from linformer_train.data.prepare import prepared_dir_for
-    from linformer_train.data.tokenizer import load_tokenizer, meta_path, train_tokenizer
+    from linformer_train.data.tokenizer import load_tokenizer, meta_path
 
     flags = source_overrides(args)
     for value, key in ((args.vocab_size, "data.tokenizer_vocab_size"), (args.type, "data.tokenizer_type"),

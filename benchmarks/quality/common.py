@@ -89,7 +89,8 @@ def eval_blocks(n: int):
     import numpy as np
 
     from linformer_train.config import load_config
-    from linformer_train.data.prepare import ensure_prepared, open_prepared
+    from linformer_train.data.pipeline import ensure_prepared
+    from linformer_train.data.prepare import open_prepared
 
     cfg = load_config([], [f"model.vocab_size={VOCAB}", f"model.max_seq_len={n}", "data.source=files",
                            f"data.paths=[{WIKI_EVAL}]", "data.format=text", "data.text_split=line",

@@ -152,6 +152,17 @@ def cut_text(doc: str, limit: Optional[int] = None) -> Iterator[str]:
     yield doc[start:] if start else doc
 
 
+def lines(documents: Iterable[str], max_chars: int) -> Iterator[str]:
+    """The non-blank lines of every document, stripped, a line longer than ``max_chars`` cut at
+    spaces: what a tokenizer trains on (sentencepiece drops an over-long line, so a corpus of one
+    huge line would otherwise train on nothing)."""
+    for doc in documents:
+        for line in doc.splitlines():
+            line = line.strip()
+            if line:
+                yield from cut_text(line, max_chars) if len(line) > max_chars else (line,)
+
+
 def build_source(cfg: "DataConfig") -> Source:
     """The source named by ``data.source``."""
     if cfg.source == "builtin":

@@ -1,5 +1,4 @@
-"""Rank-aware, resumable MLM loader with background prefetch, the validation iterator, and
-``build_training_data`` (the one call the trainer makes).
+"""Rank-aware, resumable MLM loader with background prefetch, and the validation iterator.
 
 Order: epoch ``e`` visits the blocks in a permutation drawn from ``(seed, e)``. Global batch ``b``
 of an epoch is positions ``[b*B*W, (b+1)*B*W)`` of that order and rank ``r`` takes its slice
@@ -14,20 +13,13 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from linformer_train.data import DataError
 from linformer_train.data.masking import EVAL_STREAM, IGNORE_INDEX, TRAIN_STREAM, MLMMasker
-
-if TYPE_CHECKING:  # pragma: no cover
-    from linformer_train.config import DataConfig, ModelConfig, TrainConfig
-    from linformer_train.data.prepare import PreparedData
-    from linformer_train.data.tokenizer import Tokenizer
 
 STATE_VERSION = 1
 _SHUFFLE_STREAM = 0x5F1E
@@ -253,84 +245,3 @@ def validation_batches(blocks: Sequence, masker: MLMMasker, micro_batch_size: in
             labels[pad] = IGNORE_INDEX
         yield {"input_ids": input_ids, "labels": labels}
 
-
-# --------------------------------------------------------------------------------------------------
-# What the trainer builds
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingData:
-    """Everything the trainer reads data through."""
-
-    prepared: "PreparedData"
-    tokenizer: "Tokenizer"
-    masker: MLMMasker
-    train_loader: MLMLoader
-    micro_batch_size: int
-    rank: int
-    world_size: int
-
-    def eval_batches(self, num_batches: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Deterministic validation batches (see :func:`validation_batches`)."""
-        return validation_batches(self.prepared.validation, self.masker, self.micro_batch_size,
-                                  num_batches, self.rank, self.world_size)
-
-    def close(self) -> None:
-        self.train_loader.close()
-
-
-def _prepare_on_rank0(data: "DataConfig", model: "ModelConfig", run_dir: Path, rank: int,
-                      world_size: int) -> Path:
-    """Rank 0 prepares, the others wait; a failure on rank 0 reaches every rank as a DataError."""
-    from linformer_train.data.prepare import ensure_prepared
-
-    result: list[Any] = [None]
-    error: Optional[BaseException] = None
-    if rank == 0:
-        try:
-            result[0] = str(ensure_prepared(data, model.max_seq_len, run_dir, model.vocab_size,
-                                            reserved=(run_dir,)))
-        except BaseException as exc:  # tell the other ranks before raising, or they wait forever
-            if isinstance(exc, OSError):  # a full disk or read-only folder: one line, not a trace
-                where = f" ({exc.filename})" if exc.filename else ""
-                exc = DataError(f"preparing the data failed writing{where}: {exc.strerror or exc}; free space "
-                                f"or set data.prepared_dir to a writable folder")
-            error = exc
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            result[0] = DataError(f"rank 0 could not prepare the data: {first}")
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(result, src=0)
-    if error is not None:
-        raise error from None
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return Path(result[0])
-
-
-def build_training_data(data: "DataConfig", model: "ModelConfig", train: "TrainConfig",
-                        run_dir: str | Path, rank: int = 0, world_size: int = 1) -> TrainingData:
-    """Prepare (rank 0) or reuse the data, open it, check it against the model, build the loader."""
-    from linformer_train.data.prepare import open_prepared
-    from linformer_train.data.tokenizer import load_tokenizer
-
-    root = _prepare_on_rank0(data, model, Path(run_dir), rank, world_size)
-    prepared = open_prepared(root, model.max_seq_len)
-    tokenizer = load_tokenizer(prepared.tokenizer_path)
-    open_prepared(root, model.max_seq_len, tokenizer.sha256)  # the tokenizer on disk is the one used
-    if tokenizer.vocab_size > model.vocab_size:
-        raise DataError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but model.vocab_size="
-                        f"{model.vocab_size}; raise model.vocab_size to at least {tokenizer.vocab_size}")
-    pad = tokenizer.special_ids["pad"]
-    if model.pad_token_id != pad:
-        raise DataError(f"model.pad_token_id={model.pad_token_id} but the tokenizer pads with id {pad}; "
-                        f"set model.pad_token_id={pad}")
-    masker = MLMMasker(data.mask_prob, data.mask_replace_prob, data.mask_random_prob,
-                       tokenizer.vocab_size, tokenizer.special_ids,
-                       tokenizer.word_start if data.whole_word_masking else None, seed=train.seed,
-                       mask_id=tokenizer.special_ids["mask"])
-    loader = MLMLoader(prepared.train, masker, train.micro_batch_size, rank, world_size, train.seed,
-                       prefetch=data.prefetch_batches)
-    return TrainingData(prepared, tokenizer, masker, loader, train.micro_batch_size, rank, world_size)

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from linformer_train.data import DataError
-from linformer_train.data.tokenizer import MASK_ID
 
 IGNORE_INDEX = -100
 TRAIN_STREAM = 0
@@ -33,7 +32,7 @@ class MLMMasker:
 
     def __init__(self, mask_prob: float = 0.15, replace_prob: float = 0.8, random_prob: float = 0.1,
                  vocab_size: int = 0, special_ids: Mapping[str, int] | Iterable[int] = (),
-                 word_start: Optional[np.ndarray] = None, seed: int = 0, mask_id: int = MASK_ID):
+                 word_start: Optional[np.ndarray] = None, seed: int = 0, mask_id: Optional[int] = None):
         if not 0.0 < mask_prob < 1.0:
             raise DataError(f"mask_prob={mask_prob} must lie in (0, 1)")
         if replace_prob < 0 or random_prob < 0 or replace_prob + random_prob > 1.0:
@@ -42,6 +41,10 @@ class MLMMasker:
         if vocab_size <= 0:
             raise DataError(f"vocab_size={vocab_size} must be positive (the tokenizer's piece count)")
         ids = list(special_ids.values()) if isinstance(special_ids, Mapping) else list(special_ids)
+        if mask_id is None:  # the tokenizer's own, from its special ids
+            if not isinstance(special_ids, Mapping) or "mask" not in special_ids:
+                raise DataError("the mask token's id is unknown: pass mask_id, or special_ids with a 'mask' entry")
+            mask_id = int(special_ids["mask"])
         if not 0 <= mask_id < vocab_size:
             raise DataError(f"mask_id={mask_id} lies outside the vocabulary of {vocab_size}")
         self.mask_prob, self.replace_prob, self.random_prob = mask_prob, replace_prob, random_prob

@@ -1,4 +1,7 @@
-"""Preparation: tokenize a source in parallel, pack it into n-token blocks on disk, write a manifest.
+"""Prepared sets: tokenize documents in parallel, pack them into n-token blocks on disk, write and
+read the manifest. The steps are called in order by ``data.pipeline.ensure_prepared``; this module
+takes documents, a tokenizer and counts as arguments and imports neither the sources nor the
+tokenizer code.
 
 Layout of a prepared directory::
 
@@ -17,7 +20,7 @@ Memory stays flat as the corpus grows: documents stream into Arrow files of ``CH
 ``datasets.map`` tokenizes one chunk at a time in ``num_proc`` processes (which end with their
 chunk, so the pages they mapped never accumulate), and the packer reads the token shards record
 batch by record batch, without memory-mapping them, and appends to the .bin files. A streamed HF
-dataset skips the Arrow files and is encoded by sentencepiece's own threads.
+dataset skips the Arrow files and is encoded by the tokenizer's own threads.
 """
 
 from __future__ import annotations
@@ -25,31 +28,25 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
-import hashlib
 import itertools
 import json
-import logging
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from linformer_train.data import DataError
-from linformer_train.data.corpus import Source, build_source
-from linformer_train.data.tokenizer import (BOS_ID, EOS_ID, MODEL_FILE, Tokenizer, load_tokenizer,
-                                            model_path, read_meta, train_tokenizer, training_spec)
+from linformer_train.serialization import read_json_object
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
 
     from linformer_train.config import DataConfig
-
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -151,18 +148,12 @@ class PreparedData:
         return int(self.manifest["seq_len"])
 
 
-def _read_manifest(root: Path) -> Optional[dict]:
+def read_manifest(root: Path) -> Optional[dict]:
+    """The manifest of a prepared directory; None when there is none (nothing, or an unfinished set)."""
     path = root / MANIFEST_FILE
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError:
-        manifest = None
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path} is not valid JSON (an object); the set is damaged, delete {root} and "
-                        f"prepare it again")
-    return manifest
+    return read_json_object(path, DataError, fix=f"the set is damaged, delete {root} and prepare it again")
 
 
 def open_prepared(prepared_dir: str | os.PathLike, seq_len: int,
@@ -170,7 +161,7 @@ def open_prepared(prepared_dir: str | os.PathLike, seq_len: int,
     """Open a prepared set; DataError (one line, both values) when it was made for another n or
     another tokenizer, or when its files do not match its manifest."""
     root = Path(prepared_dir)
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root)
     if manifest is None:
         raise DataError(f"{root} holds no prepared data (no {MANIFEST_FILE}); run tools/prepare_data.py "
                         f"with this config, or let training prepare it")
@@ -242,7 +233,7 @@ def pack_rows(carry: np.ndarray, stream: np.ndarray, seq_len: int, bos_id: int
 class _SplitWriter:
     """Appends ``<s>`` + (n-1) stream tokens per block to one .bin file; keeps the partial row."""
 
-    def __init__(self, path: Path, seq_len: int, dtype: np.dtype, bos_id: int = BOS_ID):
+    def __init__(self, path: Path, seq_len: int, dtype: np.dtype, bos_id: int):
         self.path, self.seq_len, self.dtype, self.bos_id = path, seq_len, dtype, bos_id
         self.file = open(path, "wb")
         self.carry = np.empty(0, dtype)
@@ -263,9 +254,8 @@ class _SplitWriter:
 class Packer:
     """Documents in, two .bin files of exactly-n blocks out (see the module docstring)."""
 
-    def __init__(self, out_dir: Path, seq_len: int, dtype: np.dtype, validation_fraction: float,
-                 seed: int = SPLIT_SEED, allow_uneven_split: bool = False, bos_id: int = BOS_ID,
-                 eos_id: int = EOS_ID):
+    def __init__(self, out_dir: Path, seq_len: int, dtype: np.dtype, validation_fraction: float, *,
+                 bos_id: int, eos_id: int, seed: int = SPLIT_SEED, allow_uneven_split: bool = False):
         self.allow_uneven_split = allow_uneven_split
         self.eos_id = eos_id  # the tokenizer's own start/end tokens ([CLS]/[SEP] for a BERT tokenizer)
         if seq_len < 2:
@@ -355,30 +345,42 @@ class Packer:
 
 
 class _EncodeBatch:
-    """The function ``datasets.map`` runs in each worker; loads the tokenizer once per process."""
+    """The function ``datasets.map`` runs in each worker; the tokenizer pickles as its path, so each
+    worker process loads it once."""
 
-    def __init__(self, model: str):
-        self.model = model
-        self.tok = None
+    def __init__(self, tok):
+        self.tok = tok
 
     def __call__(self, batch: dict) -> dict:
-        if self.tok is None:
-            self.tok = load_tokenizer(self.model)
         texts = [t if isinstance(t, str) else "" for t in batch["text"]]
         return {"ids": self.tok.encode(texts)}
 
-    def __getstate__(self):
-        return {"model": self.model, "tok": None}
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits, uint32 beyond 65,536 pieces."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def _document_chunks(source: Source, work: Path) -> Iterator["datasets.Dataset"]:
-    """The source's documents as a series of Arrow files of about CHUNK_BYTES of text each, each
-    opened as a ``datasets.Dataset`` and deleted once the consumer asks for the next one."""
+@contextlib.contextmanager
+def scratch_dir(out_dir: Path) -> Iterator[Path]:
+    """``out_dir/.work``, empty, for the chunk files of one preparation; removed afterwards."""
+    work = out_dir / ".work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def document_chunks(documents: Iterable[str], work: Path) -> Iterator["datasets.Dataset"]:
+    """Documents as a series of Arrow files of about CHUNK_BYTES of text each, each opened as a
+    ``datasets.Dataset`` and deleted once the consumer asks for the next one."""
     import datasets
     import pyarrow as pa
 
     schema = pa.schema([("text", pa.large_string())])
-    docs = source.documents()
+    docs = iter(documents)
     for index in itertools.count():
         path = work / f"documents-{index:05d}.arrow"
         written = 0
@@ -404,7 +406,7 @@ def _document_chunks(source: Source, work: Path) -> Iterator["datasets.Dataset"]
         path.unlink()
 
 
-def _dataset_chunks(ds: "datasets.Dataset") -> Iterator["datasets.Dataset"]:
+def dataset_chunks(ds: "datasets.Dataset") -> Iterator["datasets.Dataset"]:
     """Contiguous row ranges of a map-style dataset holding about CHUNK_BYTES of text each."""
     per_row = max(1, ds.data.nbytes // max(1, len(ds)))
     rows = max(DOC_BATCH, CHUNK_BYTES // per_row)
@@ -427,9 +429,9 @@ def _token_batches_from_arrow(files: Sequence[str], dtype: np.dtype) -> Iterator
                 yield values.astype(dtype, copy=False), np.diff(offsets).astype(np.int64)
 
 
-def _token_batches_streaming(source: Source, tok: Tokenizer, dtype: np.dtype,
-                             num_threads: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(values, lengths) per batch of streamed documents, encoded with sentencepiece's threads."""
+def tokenize_streamed(documents: Iterable[str], tok, dtype: np.dtype,
+                      num_threads: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(values, lengths) per batch of streamed documents, encoded with the tokenizer's threads."""
     batch: list[str] = []
     size = 0
 
@@ -439,7 +441,7 @@ def _token_batches_streaming(source: Source, tok: Tokenizer, dtype: np.dtype,
         values = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
         return values, lengths
 
-    for doc in source.documents():
+    for doc in documents:
         batch.append(doc)
         size += len(doc)
         if len(batch) >= DOC_BATCH or size >= BATCH_BYTES:
@@ -449,10 +451,10 @@ def _token_batches_streaming(source: Source, tok: Tokenizer, dtype: np.dtype,
         yield encode(batch)
 
 
-def _token_batches_mapped(chunks: Iterator["datasets.Dataset"], tok: Tokenizer, dtype: np.dtype,
-                          num_proc: int, work: Path, key: str,
-                          timings: dict[str, float]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(values, lengths) of every chunk, tokenized by ``datasets.map`` in ``num_proc`` processes.
+def tokenize_chunks(chunks: Iterator["datasets.Dataset"], tok, dtype: np.dtype, num_proc: int, work: Path,
+                    key: str, timings: dict[str, float]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(values, lengths) of every chunk, tokenized by ``datasets.map`` in ``num_proc`` processes;
+    adds the seconds spent reading and tokenizing to ``timings``.
 
     One chunk at a time: its worker processes end and its memory maps close before the next chunk
     starts, so the pages they touched never add up across the corpus (peak memory stays flat).
@@ -470,7 +472,7 @@ def _token_batches_mapped(chunks: Iterator["datasets.Dataset"], tok: Tokenizer, 
         t0 = time.perf_counter()
         procs = num_proc if len(ds) >= 2 * DOC_BATCH else 1  # a process for a handful of rows costs more
         tokenized = ds.map(
-            _EncodeBatch(str(tok.path)), batched=True, batch_size=DOC_BATCH, num_proc=procs,
+            _EncodeBatch(tok), batched=True, batch_size=DOC_BATCH, num_proc=procs,
             remove_columns=ds.column_names, features=datasets.Features({"ids": datasets.List(feature)}),
             cache_file_name=str(work / f"tokens-{index:05d}.arrow"), load_from_cache_file=False,
             new_fingerprint=f"{key[:16]}-{index}", desc=f"tokenizing chunk {index} ({procs} proc)")
@@ -482,25 +484,14 @@ def _token_batches_mapped(chunks: Iterator["datasets.Dataset"], tok: Tokenizer, 
             Path(name).unlink(missing_ok=True)
 
 
-def _tokenize_and_pack(source: Source, tok: Tokenizer, cfg: "DataConfig", seq_len: int,
-                       out_dir: Path, key: str) -> dict[str, Any]:
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
-    work = out_dir / ".work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    timings: dict[str, float] = {}
-    packer = Packer(out_dir, seq_len, dtype, cfg.validation_fraction,
-                    allow_uneven_split=cfg.allow_uneven_split, bos_id=tok.special_ids["bos"],
-                    eos_id=tok.special_ids["eos"])
+def pack(batches: Iterable[tuple[np.ndarray, np.ndarray]], out_dir: Path, seq_len: int, dtype: np.dtype,
+         cfg: "DataConfig", special_ids: dict[str, int], describe: str,
+         timings: dict[str, float]) -> dict[str, Any]:
+    """Token batches -> train.bin and validation.bin in ``out_dir``; the counts for the manifest,
+    with the seconds of each step (``timings`` as the tokenizers left it, plus packing)."""
+    packer = Packer(out_dir, seq_len, dtype, cfg.validation_fraction, bos_id=special_ids["bos"],
+                    eos_id=special_ids["eos"], allow_uneven_split=cfg.allow_uneven_split)
     try:
-        ds = source.as_dataset()
-        if ds is not None:  # an HF dataset already on disk
-            batches = _token_batches_mapped(_dataset_chunks(ds), tok, dtype, cfg.num_proc, work, key, timings)
-        elif source.kind == "hf":  # a streamed HF dataset: never on disk whole; sentencepiece's threads
-            batches = _token_batches_streaming(source, tok, dtype, cfg.num_proc)
-        else:  # local files, builtin: chunks of documents through Arrow files, then datasets.map
-            batches = _token_batches_mapped(_document_chunks(source, work), tok, dtype, cfg.num_proc,
-                                            work, key, timings)
         t0 = time.perf_counter()
         for values, lengths in batches:
             packer.add(values, lengths)
@@ -509,19 +500,17 @@ def _tokenize_and_pack(source: Source, tok: Tokenizer, cfg: "DataConfig", seq_le
             timings["pack"] = total - timings["read"] - timings["tokenize"]
         else:  # streamed: reading, encoding and packing interleave
             timings["read_tokenize_pack"] = total
-        counts = packer.finish(out_dir, source.description)
+        counts = packer.finish(out_dir, describe)
     except BaseException:
         packer.abort()
         raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     counts["dtype"] = dtype.name
     counts["seconds"] = {k: round(v, 3) for k, v in timings.items()}
     return counts
 
 
 # --------------------------------------------------------------------------------------------------
-# ensure_prepared: the one entry point
+# The directory and its manifest
 # --------------------------------------------------------------------------------------------------
 
 
@@ -530,44 +519,8 @@ def prepared_dir_for(cfg: "DataConfig", run_dir: str | os.PathLike) -> Path:
     return Path(cfg.prepared_dir) if cfg.prepared_dir else Path(run_dir) / "data"
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def _first_difference(old: dict, new: dict) -> str:
-    a, b = _flatten(old), _flatten(new)
-    for key in [*b, *(k for k in a if k not in b)]:
-        if a.get(key) != b.get(key):
-            show = lambda v: (s if len(s := json.dumps(v)) <= 70 else s[:67] + "...")  # noqa: E731
-            return f"{key}: {show(a.get(key))} -> {show(b.get(key))}"
-    return "nothing"
-
-
-def _tokenizer_for(cfg: "DataConfig", out: Path, source: Source, vocab_size: int) -> tuple[Path, Optional[str]]:
-    """Where the tokenizer lives and, when it has to be (re)trained, why (None when it can be used)."""
-    if cfg.tokenizer:
-        path = model_path(cfg.tokenizer)
-        if path.is_file():
-            return path, None
-    else:
-        path = out / "tokenizer" / MODEL_FILE
-    if not path.is_file():
-        return path, f"{path} does not exist yet"
-    meta = read_meta(path)
-    want = {"trained_with": training_spec(cfg, vocab_size), "source_fingerprint": source.fingerprint()}
-    have = {k: meta.get(k) for k in want}
-    if have != json.loads(json.dumps(want)):
-        return path, f"tokenizer settings changed ({_first_difference(have, want)})"
-    return path, None
-
-
 @contextlib.contextmanager
-def _locked(root: Path):
+def locked(root: Path):
     """One preparer per directory at a time (two runs sharing data.prepared_dir wait for each other)."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as f:
@@ -578,101 +531,47 @@ def _locked(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _refuse_own_outputs(source: Source, folders: dict[str, str | os.PathLike]) -> None:
-    """A ``data.paths`` pattern that reaches into the run's own folders would train on checkpoints,
-    logs and packed blocks (and change under itself): refuse it, naming the first such file."""
-    from linformer_train.paths import overlap
-
-    for path in getattr(source, "files", ()):
-        for name, folder in folders.items():
-            if overlap(path, folder) in ("is", "is inside"):
-                raise DataError(f"data.paths matches {path}, inside {name} {folder}: the run would read its "
-                                f"own output; narrow the pattern or move the corpus out of {folder}")
+def manifest_inputs(seq_len: int, validation_fraction: float, tokenizer_sha256: str,
+                    source_fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What decides whether a set can be reused, as it reads back from the manifest."""
+    inputs = {"format_version": FORMAT_VERSION, "seq_len": int(seq_len),
+              "validation_fraction": float(validation_fraction), "split_seed": SPLIT_SEED,
+              "tokenizer_sha256": tokenizer_sha256, "source": source_fingerprint}
+    return json.loads(json.dumps(inputs))  # tuples -> lists, as they read back
 
 
-def ensure_prepared(cfg: "DataConfig", seq_len: int, run_dir: str | os.PathLike, vocab_size: int,
-                    overwrite: bool = False, reserved: Sequence[str | os.PathLike] = ()) -> Path:
-    """Prepare ``data`` for blocks of ``seq_len`` tokens, or reuse an identical earlier preparation.
+def clear(out_dir: Path) -> None:
+    """Remove a set's manifest first (it marks the set complete), then its blocks."""
+    for name in (MANIFEST_FILE, "train.bin", "validation.bin"):
+        (out_dir / name).unlink(missing_ok=True)
 
-    Trains the tokenizer when ``data.tokenizer`` is unset or missing (vocabulary
-    ``data.tokenizer_vocab_size`` or ``vocab_size``), tokenizes, packs, splits and writes the manifest.
-    Identical inputs (source fingerprint, n, validation fraction, tokenizer sha256) reuse the set; a
-    directory prepared from other inputs is refused, naming the first difference, unless
-    ``overwrite``. A ``data.paths`` file inside the prepared folder or a ``reserved`` one (the run
-    folder of a training run) is refused. Call it on one rank; returns the prepared directory.
-    """
-    out = prepared_dir_for(cfg, run_dir)
-    source = build_source(cfg)
-    _refuse_own_outputs(source, {"the prepared-data folder": out, **{"the run folder": r for r in reserved}})
-    train_vocab = int(cfg.tokenizer_vocab_size or vocab_size)
-    with _locked(out):
-        manifest = _read_manifest(out)
-        tok_path, retrain = _tokenizer_for(cfg, out, source, train_vocab)
-        if manifest is not None and retrain and not overwrite:
-            raise DataError(f"{out} was prepared with tokenizer {manifest['tokenizer']['sha256'][:12]} but "
-                            f"this config trains a new one ({retrain}); delete {out}, prepare with "
-                            f"--overwrite, or set data.prepared_dir to another directory")
-        t0 = time.perf_counter()
-        if retrain:
-            log.info("tokenizer: training a %s tokenizer of %s pieces on %s (%s) ...", cfg.tokenizer_type,
-                     f"{train_vocab:,}", source.description, retrain)
-            train_tokenizer(cfg, tok_path, train_vocab, source=source)
-        tok_seconds = time.perf_counter() - t0
-        if retrain:
-            log.info("tokenizer: trained in %.1f s -> %s", tok_seconds, tok_path)
-        tok = load_tokenizer(tok_path)
-        if tok.vocab_size > vocab_size:
-            raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but model.vocab_size="
-                            f"{vocab_size}; raise model.vocab_size to at least {tok.vocab_size} or use a "
-                            f"smaller tokenizer")
-        inputs = {"format_version": FORMAT_VERSION, "seq_len": int(seq_len),
-                  "validation_fraction": float(cfg.validation_fraction), "split_seed": SPLIT_SEED,
-                  "tokenizer_sha256": tok.sha256, "source": source.fingerprint()}
-        inputs = json.loads(json.dumps(inputs))  # tuples -> lists, as they read back
-        if manifest is not None:
-            if manifest.get("inputs") == inputs:
-                open_prepared(out, seq_len, tok.sha256)  # files intact?
-                log.info("data: reusing the set prepared in %s (same source, n and tokenizer)", out)
-                return out
-            if not overwrite:
-                raise DataError(f"{out} holds data prepared from other inputs "
-                                f"({_first_difference(manifest.get('inputs', {}), inputs)}); delete it, "
-                                f"prepare with --overwrite, or set data.prepared_dir to another directory")
-        for name in (MANIFEST_FILE, "train.bin", "validation.bin"):
-            (out / name).unlink(missing_ok=True)
-        log.info("data: tokenizing and packing %s into blocks of n=%d -> %s ...", source.description, seq_len, out)
-        t0 = time.perf_counter()
-        counts = _tokenize_and_pack(source, tok, cfg, seq_len, out, hashlib.sha256(
-            json.dumps(inputs, sort_keys=True).encode()).hexdigest())
-        seconds = time.perf_counter() - t0
-        try:
-            tok_rel = str(tok.path.resolve().relative_to(out.resolve()))
-        except ValueError:
-            tok_rel = str(tok.path.resolve())
-        import datasets
-        import sentencepiece
 
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "inputs": inputs,
-            "seq_len": int(seq_len),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"description": source.description, "stats": source.stats.as_dict()},
-            "tokenizer": {"path": tok_rel, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                          "special_ids": tok.special_ids, "trained_seconds": round(tok_seconds, 2) if retrain else None},
-            **counts,
-            "tokens_per_second": round((counts["tokens"]["documents"]) / max(seconds, 1e-9)),
-            "total_seconds": round(seconds, 2),
-            "versions": {"python": sys.version.split()[0], "datasets": datasets.__version__,
-                         "sentencepiece": sentencepiece.__version__, "numpy": np.__version__},
-        }
-        tmp = out / (MANIFEST_FILE + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(out / MANIFEST_FILE)
-        log.info("data: packed %s tokens into %s train / %s validation blocks in %.1f s",
-                 f"{counts['tokens']['documents']:,}", f"{counts['splits']['train']['blocks']:,}",
-                 f"{counts['splits']['validation']['blocks']:,}", seconds)
-        return out
+def write_manifest(out_dir: Path, inputs: dict[str, Any], source: dict[str, Any], tokenizer: dict[str, Any],
+                   counts: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Write manifest.json atomically (last: its presence marks a complete set); returns it.
+
+    ``source`` holds the description and the bad-input counts, ``tokenizer`` its path (relative to
+    the set when inside it), sha256, vocabulary and special ids, ``counts`` what :func:`pack` returned."""
+    import datasets
+    import sentencepiece
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "inputs": inputs,
+        "seq_len": inputs["seq_len"],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "tokenizer": tokenizer,
+        **counts,
+        "tokens_per_second": round((counts["tokens"]["documents"]) / max(seconds, 1e-9)),
+        "total_seconds": round(seconds, 2),
+        "versions": {"python": sys.version.split()[0], "datasets": datasets.__version__,
+                     "sentencepiece": sentencepiece.__version__, "numpy": np.__version__},
+    }
+    tmp = out_dir / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out_dir / MANIFEST_FILE)
+    return manifest
 
 
 def summarize(manifest: dict) -> str:

@@ -5,7 +5,8 @@ A sentencepiece tokenizer trained here reserves ids 0-4 for ``<pad> <s> </s> <un
 ``<mask>`` is a control symbol, so the literal text "<mask>" in a corpus is never read as a mask.
 Byte fallback is always on: a character outside the vocabulary becomes its UTF-8 bytes, never
 ``<unk>``. Next to ``tokenizer.model`` a small ``tokenizer.json`` records the special ids, the
-training settings and the model's sha256.
+training settings and the model's sha256. Training takes lines of text, not a source: the pipeline
+(``data.pipeline.train_tokenizer``) reads them from one.
 
 A Hugging Face tokenizer keeps its own ids: its special tokens are read from
 ``tokenizer_config.json`` / ``special_tokens_map.json`` beside it (``cls_token`` or ``bos_token``
@@ -24,16 +25,16 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from linformer_train.config import MIN_VOCAB_SIZE, SPECIAL_TOKENS  # the vocabulary floor: a config rule
 from linformer_train.data import DataError
+from linformer_train.serialization import read_json_object
 
 if TYPE_CHECKING:  # pragma: no cover
     from linformer_train.config import DataConfig
-    from linformer_train.data.corpus import Source
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_PIECES = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>"}
@@ -43,6 +44,9 @@ HF_FILE = "tokenizer.json"
 HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 """Files beside a Hugging Face tokenizer.json that name its special tokens; copied with it."""
 MAX_SENTENCE_BYTES = 1 << 16
+MAX_SENTENCE_CHARS = MAX_SENTENCE_BYTES // 4
+"""A longer line is cut before training: sentencepiece drops a line over MAX_SENTENCE_BYTES, and a
+character is up to 4 bytes."""
 WORD_START = "\u2581"  # sentencepiece's "▁": the piece begins a new word
 
 
@@ -160,6 +164,9 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
 
+    def __reduce__(self):  # another process (a datasets.map worker) loads the file again
+        return (Tokenizer, (self.path,))
+
     @property
     def files(self) -> list[Path]:
         """What a model directory copies: the model and, when present, its record."""
@@ -171,14 +178,8 @@ def read_meta(model: Path) -> dict:
     meta = meta_path(model)
     if not meta.is_file():
         return {}
-    try:
-        data = json.loads(meta.read_text())
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        raise DataError(f"{meta} is not a valid tokenizer record (a JSON object); delete it or train the "
-                        f"tokenizer again")
-    return data
+    return read_json_object(meta, DataError, "a valid tokenizer record (a JSON object)",
+                            "delete it or train the tokenizer again")
 
 
 # The roles a sequence needs, the tokenizer_config.json keys that name them (first found wins), and
@@ -229,13 +230,10 @@ class HFTokenizer:
             f = self.path.parent / name
             if not f.is_file():
                 continue
-            try:
-                data = json.loads(f.read_text(encoding="utf-8"))
-            except ValueError:
-                raise DataError(f"{f} is not valid JSON; fix it or delete it (the usual special-token "
-                                f"names are then looked up)") from None
+            data = read_json_object(f, DataError, fix="fix it or delete it (the usual special-token names "
+                                    "are then looked up)")
             for key in {k for keys in HF_ROLES.values() for k in keys}:
-                value = data.get(key) if isinstance(data, dict) else None
+                value = data.get(key)
                 value = value.get("content") if isinstance(value, dict) else value
                 if isinstance(value, str) and value:
                     declared.setdefault(key, value)
@@ -294,6 +292,9 @@ class HFTokenizer:
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
 
+    def __reduce__(self):
+        return (HFTokenizer, (self.path,))
+
 
 def load_tokenizer(path: str | os.PathLike) -> "Tokenizer | HFTokenizer":
     """Load a tokenizer: a sentencepiece .model (or a directory holding tokenizer.model), checked
@@ -320,47 +321,36 @@ def training_spec(cfg: "DataConfig", vocab_size: int) -> dict:
             "special_ids": SPECIAL_IDS}
 
 
-def _sentences(documents: Iterator[str], counter: list[int]) -> Iterator[str]:
-    """Lines of every document (sentencepiece trains on lines), a line longer than sentencepiece
-    takes cut at spaces (it would drop it: a corpus of one huge line would train on nothing);
-    counts them in counter[0]."""
-    from linformer_train.data.corpus import cut_text
+def train_sentencepiece(lines: Iterable[str], out_dir: str | os.PathLike, vocab_size: int,
+                        cfg: "DataConfig", source: str, source_fingerprint: dict[str, Any]) -> Path:
+    """Train a sentencepiece model on ``lines``; write tokenizer.model and tokenizer.json.
 
-    for doc in documents:
-        for line in doc.splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            for piece in cut_text(line, MAX_SENTENCE_BYTES // 4) if len(line) > MAX_SENTENCE_BYTES // 4 else (line,):
-                counter[0] += 1
-                yield piece
-
-
-def train_tokenizer(cfg: "DataConfig", out_dir: str | os.PathLike, vocab_size: int,
-                    source: Optional["Source"] = None) -> Path:
-    """Train a sentencepiece model on ``data``'s source; write tokenizer.model and tokenizer.json.
-
-    ``out_dir`` is a directory (tokenizer.model goes inside) or a path ending in .model. Unigram or
-    BPE per ``data.tokenizer_type``; sentencepiece samples ``data.tokenizer_sample_sentences`` lines
-    uniformly (reservoir) from a bigger source, so memory stays bounded. Files are replaced
+    ``lines`` are non-blank and at most MAX_SENTENCE_CHARS long (``corpus.lines`` makes them);
+    ``source`` and ``source_fingerprint`` describe where they came from, for the record and for
+    reuse checks. ``out_dir`` is a directory (tokenizer.model goes inside) or a path ending in .model.
+    Unigram or BPE per ``data.tokenizer_type``; sentencepiece samples ``data.tokenizer_sample_sentences``
+    lines uniformly (reservoir) from a bigger source, so memory stays bounded. Files are replaced
     atomically. Returns the path of the .model file.
     """
     import sentencepiece as spm
 
-    from linformer_train.data.corpus import build_source
-
     if vocab_size < MIN_VOCAB_SIZE:
         raise DataError(f"tokenizer vocab_size={vocab_size} is too small: {SPECIAL_TOKENS} special pieces and 256 "
                         f"byte pieces need at least {MIN_VOCAB_SIZE}; raise data.tokenizer_vocab_size")
-    source = source or build_source(cfg)
     path = model_path(out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     counter = [0]
+
+    def counted(lines: Iterable[str]) -> Iterator[str]:
+        for line in lines:
+            counter[0] += 1
+            yield line
+
     buffer = io.BytesIO()
     t0 = time.perf_counter()
     try:
         spm.SentencePieceTrainer.Train(
-            sentence_iterator=_sentences(source.documents(), counter),
+            sentence_iterator=counted(lines),
             model_writer=buffer,
             model_type=cfg.tokenizer_type,
             vocab_size=vocab_size,
@@ -380,7 +370,7 @@ def train_tokenizer(cfg: "DataConfig", out_dir: str | os.PathLike, vocab_size: i
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else "sentencepiece failed"
         if counter[0] == 0:
-            raise DataError(f"cannot train a tokenizer: {source.description} has no text; "
+            raise DataError(f"cannot train a tokenizer: {source} has no text; "
                             f"check data.source and data.paths") from None
         if "Vocabulary size too high" in msg:
             hint = msg.split("Please set it to a value")[-1].strip(" .")
@@ -394,7 +384,7 @@ def train_tokenizer(cfg: "DataConfig", out_dir: str | os.PathLike, vocab_size: i
                             f"needs for its characters at data.tokenizer_character_coverage="
                             f"{cfg.tokenizer_character_coverage}; raise data.tokenizer_vocab_size or "
                             f"lower the coverage") from None
-        raise DataError(f"sentencepiece could not train on {source.description}: {msg}") from None
+        raise DataError(f"sentencepiece could not train on {source}: {msg}") from None
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(buffer.getvalue())
     tmp.replace(path)
@@ -403,8 +393,8 @@ def train_tokenizer(cfg: "DataConfig", out_dir: str | os.PathLike, vocab_size: i
         "special_pieces": SPECIAL_PIECES,
         "sha256": sha256_file(path),
         "trained_with": training_spec(cfg, vocab_size),
-        "source": source.description,
-        "source_fingerprint": source.fingerprint(),
+        "source": source,
+        "source_fingerprint": source_fingerprint,
         "sentences_seen": counter[0],
         "sentences_used": min(counter[0], cfg.tokenizer_sample_sentences),
         "seconds": round(time.perf_counter() - t0, 2),

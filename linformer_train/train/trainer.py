@@ -154,7 +154,7 @@ class Trainer:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        from linformer_train.data.loader import build_training_data
+        from linformer_train.data.pipeline import build_training_data
 
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
