@@ -198,7 +198,8 @@ class TrainConfig:
     """Start from the weights of a model directory (tools/convert.py export / resize / warm-start);
     its model section must match this config's. Ignored when resuming a checkpoint."""
     peak_tflops: Optional[float] = None
-    """Device peak for MFU; measured with a matmul at start when unset."""
+    """Device peak (TFLOP/s) for MFU; unset: the GPU's dense datasheet peak for the dtype
+    (linformer_train/train/mfu.py), else a matmul measured at start (CPUs, unlisted GPUs)."""
 
 
 @dataclass

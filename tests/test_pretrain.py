@@ -50,6 +50,14 @@ def test_loss_falls_and_everything_is_written(prepared_data, tmp_path):
     for key in ("accuracy", "perplexity", "lr", "tokens_per_s", "samples_per_s", "mfu",
                 "peak_memory_gib", "data_wait_fraction"):
         assert row[key] is not None and row[key] >= 0, key
+    # MFU = this rank's model FLOPs / step time / the stated peak (train.peak_tflops=1.0): 8 sequences
+    # of n=64 and the head at the masked positions (~15% of 512; half to 1.5 times that brackets it)
+    from linformer_train.config import load_config
+    from linformer_train.train.mfu import mlm_step_flops
+
+    model, seconds = load_config([run / "config.yaml"]).model, 8 / row["samples_per_s"]
+    low, high = (mlm_step_flops(model, 64, 8, share * 0.15 * 512) / seconds / 1e12 for share in (0.5, 1.5))
+    assert low < row["mfu"] < high, (low, row["mfu"], high)
     assert (run / "config.yaml").is_file() and list((run / "tensorboard").iterdir())
     manager = CheckpointManager(run / "checkpoints", keep_last=3)
     assert manager.latest().name == "step_00000060"

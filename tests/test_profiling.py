@@ -12,7 +12,7 @@ import torch
 
 from linformer_train import profiling as prof
 from linformer_train.config import ConfigError, config_from_dict
-from linformer_train.model import LinformerForMLM, encoder_flops
+from linformer_train.model import LinformerForMLM
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,13 +58,21 @@ def test_impossible_case_is_a_one_line_config_error():
         prof.parse_k("lots")
 
 
-def test_case_flops_use_the_shared_formula():
+def test_case_flops_are_the_counts_written_out_by_hand():
+    # tiny: D=64, H=4, F=128, 2 layers, vocabulary 128; n=64, k=16, batch 3 (2 FLOPs a multiply-add)
+    L, D, F, k, V = 64, 64, 128, 16, 128
+    layer = 2 * L * D * 3 * D + 2 * L * D * D + 2 * 2 * L * D * F + 2 * 2 * k * L * D + 2 * 2 * L * k * D
+    assert 2 * layer == 9_437_184      # qkv, out, FFN, E/F projections, Q (EK)^T and P (FV)
     case = prof.build_cases(tiny(), seq_lens=[64], attentions=["linformer"], ks=[16],
                             batch_sizes=[3], modes=["backward"])[0]
-    cfg = case.model_config()
-    assert prof.case_flops(case) == 3 * 3 * encoder_flops(cfg, 64)
-    fwd = dataclasses.replace(case, mode="forward")
-    assert prof.case_flops(fwd) == 3 * encoder_flops(cfg, 64)
+    assert prof.case_flops(case) == 3 * 3 * 9_437_184                       # backward = 2 forwards
+    assert prof.case_flops(dataclasses.replace(case, mode="forward")) == 3 * 9_437_184
+    # MLM training: the head at the 10 positions per sequence build_step masks (15% of 64), not 9.6
+    mlm = dataclasses.replace(case, mode="train", target="mlm")
+    assert prof.case_flops(mlm) == 3 * (3 * 9_437_184 + 3 * 10 * (2 * D * D + 2 * D * V))
+    # one attention layer (no FFN), as the layer target and the pypi comparison count it
+    layer_case = dataclasses.replace(case, target="layer", batch_size=1)
+    assert prof.case_flops(layer_case) == 3 * (layer - 2 * 2 * L * D * F)
 
 
 # ------------------------------------------------------------------------------- measuring, ratios
@@ -285,7 +293,11 @@ def test_pypi_linformer_layer_runs_against_the_same_baselines():
     rows = prof.run_sweep(cases, isolate=False)
     assert all(r["status"] == "ok" for r in rows)
     assert rows[1]["speedup_vs_sdpa"] is not None
-    assert rows[0]["flops"] == rows[1]["flops"]
+    # the same layer maths, by hand: n=128, D=64, k=32, forward + backward (3 forwards)
+    L, D, k = 128, 64, 32
+    by_hand = 3 * (2 * L * D * 3 * D + 2 * L * D * D + 2 * 2 * k * L * D + 2 * 2 * L * k * D)
+    assert by_hand == 18_874_368
+    assert rows[0]["flops"] == by_hand and rows[1]["flops"] == by_hand
     with pytest.raises(ConfigError, match="--target layer"):
         prof.build_cases(tiny(), seq_lens=[128], attentions=["linformer"], ks=[32], impls=["pypi"])
 

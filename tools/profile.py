@@ -6,7 +6,8 @@ Subcommands (docs/PROFILING.md has the walk-through):
              with speed-up / memory saved against full attention (naive O(n^2) and SDPA)
   max-batch  the largest batch that fits a memory budget, per n and attention kind
   estimate   no run: parameters, gradients, optimizer states and activations per GPU by ZeRO stage
-  peak       the measured matmul peak of this device (what MFU is relative to)
+  peak       the measured matmul peak of this device (and, on a listed GPU, the datasheet peak
+             MFU is relative to)
 
 Examples:
   python tools/profile.py sweep --preset base --layers 1 -n 512 1024 2048 --k 128 256 \\
@@ -86,7 +87,8 @@ def _run_args(p: argparse.ArgumentParser, max_batch: bool = False) -> None:
                    help="before each CPU case wait up to SECONDS for machine CPU use below BUSY (0-1), "
                         "e.g. 0.3 120 on a shared machine")
     g.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak for MFU; measured with a matmul when unset")
+                   help="device peak for MFU; unset: the GPU's dense datasheet peak for the dtype, "
+                        "else a measured matmul")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="directory for results.json/.csv and plots "
                                                "(default runs/profile/<time>)")
@@ -192,12 +194,12 @@ def _cases(args, device: str, budget: int | None):
         budget_bytes=budget, threads=args.threads, clock=args.clock, malloc=args.malloc)
 
 
-def _peak(args, device: str) -> float:
-    from linformer_train import profiling as prof
+def _peak(args, device: str):
+    """The peak MFU divides by (linformer_train/train/mfu.py): --peak-tflops, else the GPU's
+    datasheet number, else a matmul measured with the sweep's clock and threads."""
+    from linformer_train.train.mfu import device_peak
 
-    if args.peak_tflops is not None:
-        return args.peak_tflops * 1e12
-    return prof.measure_matmul_peak(device, args.dtype, clock=args.clock, threads=args.threads)
+    return device_peak(device, args.dtype, args.peak_tflops, clock=args.clock, threads=args.threads)
 
 
 def _out_dir(args) -> Path:
@@ -250,12 +252,13 @@ def cmd_sweep(args) -> int:
     budget = _budget(args, device, console)
     cases = _cases(args, device, budget)
     peak = _peak(args, device)
-    console.print(f"[dim]{len(cases)} cases on {device}; peak {peak / 1e12:.3f} TFLOP/s "
-                  f"({args.dtype} matmul); budget {budget / prof.GIB:.1f} GiB[/dim]")
+    console.print(f"[dim]{len(cases)} cases on {device}; MFU against {peak.describe()}; "
+                  f"budget {budget / prof.GIB:.1f} GiB[/dim]", highlight=False)
 
     out = _out_dir(args)
     meta = prof.machine_info(device)
-    meta.update(peak_flops=peak, budget_bytes=budget, isolated=not args.no_isolate or device != "cpu")
+    meta.update(peak_flops=peak.flops, peak_source=peak.source, budget_bytes=budget,
+                isolated=not args.no_isolate or device != "cpu")
     done: list[dict] = []
 
     def on_row(r):
@@ -269,7 +272,7 @@ def cmd_sweep(args) -> int:
         if low_cpu_share(r):
             print(_share_warning(r), file=sys.stderr, flush=True)
 
-    rows = prof.run_sweep(cases, isolate=False if args.no_isolate else None, peak_flops=peak,
+    rows = prof.run_sweep(cases, isolate=False if args.no_isolate else None, peak_flops=peak.flops,
                           on_row=on_row, timeout=args.timeout,
                           idle_wait=tuple(args.wait_idle) if args.wait_idle else None)
     prof.write_json(out / "results.json", {"kind": "sweep", "machine": meta, "rows": rows})
@@ -299,7 +302,7 @@ def cmd_max_batch(args) -> int:
     peak = _peak(args, device)
     out = _out_dir(args)
     meta = prof.machine_info(device)
-    meta.update(peak_flops=peak, budget_bytes=budget)
+    meta.update(peak_flops=peak.flops, peak_source=peak.source, budget_bytes=budget)
     results = []
     for case in cases:
         if args.wait_idle and device == "cpu":
@@ -308,7 +311,7 @@ def cmd_max_batch(args) -> int:
                                   tolerance=args.refine_tolerance,
                                   runner=lambda c: prof.measure_case(
                                       c, isolate=False if args.no_isolate else None,
-                                      peak_flops=peak, timeout=args.timeout))
+                                      peak_flops=peak.flops, timeout=args.timeout))
         res.update(label=case.label, attention=case.model["attention"], impl=case.impl,
                    mode=case.mode, n=case.seq_len)
         why = "" if res["fail"] is None else f" (b={res['fail']['batch']}: {res['fail']['reason']})"
@@ -392,12 +395,19 @@ def cmd_peak(args) -> int:
         from linformer_train.config import ConfigError
 
         raise ConfigError(f"--dtype {args.dtype!r} is not allowed; choose one of {', '.join(prof.DTYPES)}")
-    peak = prof.measure_matmul_peak(device, args.dtype, args.size, clock=args.clock,
-                                    threads=args.threads)
     import torch
 
+    from linformer_train.train.mfu import datasheet_peak, matmul_dtype, measure_matmul_peak
+
+    peak = measure_matmul_peak(device, args.dtype, args.size, clock=args.clock, threads=args.threads)
     print(f"{device} {args.dtype} matmul peak: {peak / 1e12:.3f} TFLOP/s "
           f"({args.clock} clock, {torch.get_num_threads()} threads)")
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        sheet = datasheet_peak(name, matmul_dtype(args.dtype))
+        print(f"{name}: " + (f"{sheet[0]} dense {matmul_dtype(args.dtype)} datasheet peak "
+                             f"{sheet[1] / 1e12:.3g} TFLOP/s (what MFU divides by)" if sheet else
+                             "not in the datasheet table; MFU divides by the measured peak"))
     return 0
 
 

@@ -23,10 +23,10 @@ The measuring code behind ``tools/profile.py``, one concern a module:
   ``full`` (torch SDPA, today's baseline).
 * :mod:`.max_batch`: the largest batch under a memory budget.
 * :mod:`.estimate`: memory per GPU by ZeRO stage without a run.
-* :mod:`.machine` and :mod:`.report`: the matmul peak and the machine's description; JSON, CSV,
-  plots and tables.
+* :mod:`.machine` and :mod:`.report`: the machine's description; JSON, CSV, plots and tables.
 
-FLOPs come from :mod:`linformer_train.model.flops` (the formula the trainer's MFU uses).
+FLOPs come from :mod:`linformer_train.model.flops` and MFU from :mod:`linformer_train.train.mfu`,
+the definition the trainer uses.
 """
 
 from linformer_train.profiling.build import MasterWeightAdamW, build_step, warm_runtime
@@ -56,12 +56,7 @@ from linformer_train.profiling.estimate import (
     estimate_case_bytes,
     model_state_bytes,
 )
-from linformer_train.profiling.machine import (
-    default_budget_bytes,
-    machine_info,
-    measure_matmul_peak,
-    wait_for_idle_cpu,
-)
+from linformer_train.profiling.machine import default_budget_bytes, machine_info, wait_for_idle_cpu
 from linformer_train.profiling.max_batch import find_max_batch
 from linformer_train.profiling.measuring import measure_case, run_case, run_case_isolated, run_sweep
 from linformer_train.profiling.memory import RssWatch, current_rss, peak_rss, reset_peak_rss
@@ -74,6 +69,7 @@ from linformer_train.profiling.report import (
     write_csv,
     write_json,
 )
+from linformer_train.train.mfu import measure_matmul_peak
 
 __all__ = [
     "BASELINES", "CSV_FIELDS", "DTYPES", "GIB", "IMPLS", "MIB", "MODES", "TARGETS", "Case",

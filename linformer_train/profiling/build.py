@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from linformer_train.config import ConfigError, ModelConfig, k_schedule
-from linformer_train.profiling.cases import DTYPES, Case
+from linformer_train.profiling.cases import DTYPES, Case, predicted_per_sequence
 
 
 class MasterWeightAdamW:
@@ -70,7 +70,7 @@ def build_step(case: Case, cfg: ModelConfig, device: torch.device
                    for t in inputs)
     labels = None
     if case.target == "mlm" and case.mode != "forward":
-        predicted = max(1, round(case.mask_prob * L))
+        predicted = predicted_per_sequence(case)
         chosen = torch.rand(B, L, generator=gen).argsort(dim=1)[:, :predicted]
         labels = torch.full((B, L), -100, dtype=torch.long)
         labels.scatter_(1, chosen, inputs[0].cpu().gather(1, chosen))

@@ -9,7 +9,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from linformer_train.config import ConfigError, ModelConfig, config_from_dict, k_schedule, load_config
-from linformer_train.model.flops import encoder_flops, mlm_head_flops, mlm_train_flops
+from linformer_train.model.flops import encoder_flops, mlm_head_flops
+from linformer_train.train.mfu import DTYPES, mlm_step_flops
 
 MODES = ("forward", "backward", "train")
 """forward: eval + no_grad (inference) | backward: forward + backward, grads zeroed |
@@ -19,7 +20,6 @@ TARGETS = ("encoder", "mlm", "layer")
 loss | layer: one self-attention layer (B, L, D) -> (B, L, D)."""
 IMPLS = ("project", "pypi")
 """project: this repo's model | pypi: lucidrains' ``linformer`` package (layer target only)."""
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BASELINES = {"naive": "naive", "sdpa": "full"}
 """Ratio suffix -> attention kind of the baseline."""
 
@@ -194,6 +194,11 @@ def check_case(case: Case) -> ModelConfig:
 # --------------------------------------------------------------------------------------------------
 
 
+def predicted_per_sequence(case: Case) -> int:
+    """Masked positions per sequence of an MLM training case (the labels build_step makes)."""
+    return max(1, round(case.mask_prob * case.seq_len))
+
+
 def attention_layer_flops(cfg: ModelConfig, seq_len: int) -> int:
     """Forward FLOPs of one self-attention layer (qkv, projections, attention, out) of layer 0."""
     k0 = k_schedule(cfg)[0]
@@ -202,14 +207,14 @@ def attention_layer_flops(cfg: ModelConfig, seq_len: int) -> int:
 
 
 def case_flops(case: Case, cfg: Optional[ModelConfig] = None) -> float:
-    """Analytic matmul FLOPs of one step of the case (model/flops.py; backward = 2 forwards)."""
+    """Analytic matmul FLOPs of one step of the case (model/flops.py; backward = 2 forwards; the MLM
+    head at the positions the case predicts, as the trainer's MFU counts them)."""
     cfg = cfg or case.model_config()
     n, b = case.seq_len, case.batch_size
     grad = case.mode != "forward"
     if case.target == "mlm":
         if grad:
-            return b * mlm_train_flops(cfg, n, case.mask_prob)
+            return mlm_step_flops(cfg, n, b, b * predicted_per_sequence(case))
         return b * (encoder_flops(cfg, n) + mlm_head_flops(cfg, n))  # logits at every position
     per_seq = encoder_flops(cfg, n) if case.target == "encoder" else attention_layer_flops(cfg, n)
     return b * per_seq * (3 if grad else 1)
-

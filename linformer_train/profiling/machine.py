@@ -1,52 +1,16 @@
-"""The machine a profile ran on: its matmul peak, its description, the default memory budget, and
-waiting for it to be idle."""
+"""The machine a profile ran on: its description, the default memory budget, and waiting for it to be idle."""
 
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 import platform
 import sys
 import time
-from typing import Optional
 
 import torch
 
-from linformer_train.profiling.build import _sync
-from linformer_train.profiling.cases import DTYPES, GIB
-
-
-def measure_matmul_peak(device: str = "cpu", dtype: str = "fp32", size: Optional[int] = None,
-                        repeats: int = 5, clock: str = "wall", threads: Optional[int] = None) -> float:
-    """Best achieved FLOP/s of a square matmul: the peak that MFU is measured against (with the
-    same clock and thread count as the cases it divides)."""
-    dev = torch.device(device)
-    if threads:
-        torch.set_num_threads(threads)
-    now = time.process_time if clock == "cpu" else time.perf_counter
-    dt = DTYPES[dtype]
-    if size:
-        shapes = [(size, size, size)]
-    elif dev.type == "cuda":
-        shapes = [(8192, 8192, 8192)]
-    else:  # a CPU BLAS peaks at different shapes (seen here: 87 to 100 GFLOP/s a core): take the best
-        shapes = [(2048, 2048, 2048), (4096, 4096, 4096), (2048, 768, 2304), (8192, 3072, 768)]
-    best_rate = 0.0
-    for m, k, n in shapes:
-        a = torch.randn(m, k, device=dev).to(dt)
-        b = torch.randn(k, n, device=dev).to(dt)
-        best = math.inf
-        reps = repeats * (10 if dev.type == "cuda" else 1)
-        for i in range(2 + reps):
-            _sync(dev)
-            t0 = now()
-            torch.matmul(a, b)
-            _sync(dev)
-            if i >= 2:
-                best = min(best, now() - t0)
-        best_rate = max(best_rate, 2 * m * k * n / best)
-    return best_rate
+from linformer_train.profiling.cases import GIB
 
 
 def machine_info(device: str = "cpu") -> dict:

@@ -23,6 +23,7 @@ from linformer_train.profiling.estimate import estimate_case_bytes
 from linformer_train.profiling.machine import wait_for_idle_cpu
 from linformer_train.profiling.memory import RssWatch, current_rss, peak_rss, reset_peak_rss
 from linformer_train.profiling.ratios import add_ratios
+from linformer_train.train.mfu import mfu
 
 _RESULT_MARK = "@@PROFILE_RESULT@@ "
 _OVER_BUDGET_EXIT = 3
@@ -143,7 +144,7 @@ def _fill_speed(row: dict, case: Case, cfg: ModelConfig, times: list[float],
         "times_ms": [t * 1e3 for t in times],
         "tokens_per_s": case.batch_size * case.seq_len / med,
         "clock": case.clock, "flops": flops, "tflops": flops / med / 1e12,
-        "mfu": (flops / med / peak_flops) if peak_flops else None,
+        "mfu": mfu(flops, med, peak_flops) if peak_flops else None,
     })
 
 

@@ -1,35 +1,18 @@
-"""One small metrics logger: console line + TensorBoard on rank 0; throughput, MFU and peak memory."""
+"""One small metrics logger: console line + TensorBoard on rank 0; throughput, MFU and peak memory.
+
+MFU is defined once, in :mod:`linformer_train.train.mfu`."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from linformer_train.train.run_dir import write_failure
-
-
-def measure_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Achieved matmul TFLOP/s on this device and dtype: the denominator of MFU when the config
-    states no peak. On GPUs, stating the datasheet peak (train.peak_tflops) is the usual practice."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    torch.matmul(a, b)  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 2 * size**3 / sorted(times)[len(times) // 2] / 1e12
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from linformer_train.config import Config, k_schedule
+from linformer_train.train.mfu import Peak
 
 if TYPE_CHECKING:  # pragma: no cover
     from linformer_train.data.prepare import BlockSet
@@ -69,15 +70,16 @@ def model_line(cfg: Config, n_params: int) -> str:
             f"({m.num_heads} heads, FFN {m.ffn_size}) | n={m.max_seq_len} | {attn} | {m.norm}-norm")
 
 
-def engine_line(cfg: Config, world: int, device: torch.device, peak_flops: float) -> str:
+def engine_line(cfg: Config, world: int, device: torch.device, peak: Peak) -> str:
+    """``peak``: linformer_train.train.mfu.Peak (its source is said: stated, datasheet or measured)."""
     p, z, t = cfg.precision, cfg.zero, cfg.train
     offload = " + optimizer offload" if z.offload_optimizer else ""
     offload += " + parameter offload" if z.offload_params else ""
-    where = "stated (train.peak_tflops)" if t.peak_tflops else "a measured matmul"
+    source = "train.peak_tflops" if peak.source == "stated" else peak.source
     return (f"engine: DeepSpeed ZeRO-{z.stage}{offload} | {p.dtype} | {world} rank(s) on {device.type} | "
             f"batch {t.micro_batch_size * t.grad_accum_steps * world} sequences = {t.micro_batch_size} x "
-            f"{t.grad_accum_steps} accumulation x {world} rank(s) | MFU against {peak_flops / 1e12:.3g} "
-            f"TFLOP/s from {where}")
+            f"{t.grad_accum_steps} accumulation x {world} rank(s) | MFU against {peak.flops / 1e12:.3g} "
+            f"TFLOP/s ({source})")
 
 
 def plan_line(cfg: Config, start_step: int, world: int, checkpoints: str) -> str:

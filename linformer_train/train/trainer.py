@@ -33,7 +33,6 @@ from linformer_train.model import (
     LinformerForMLM,
     apply_activation_checkpointing,
     apply_compile,
-    mlm_train_flops,
 )
 from linformer_train.train.checkpoint import (
     CheckpointError,
@@ -55,7 +54,8 @@ from linformer_train.serialization import load as load_weights_only
 from linformer_train.train import report
 from linformer_train.train.distributed import quiet_deepspeed
 from linformer_train.train.ds_config import build_ds_config
-from linformer_train.train.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes
+from linformer_train.train.metrics import MetricsLogger, peak_memory_bytes
+from linformer_train.train.mfu import device_peak, mfu, mlm_step_flops
 from linformer_train.train.run_dir import (
     RunDirError,
     RunFileError,
@@ -219,12 +219,9 @@ class Trainer:
         self.consecutive_skips = 0
         self._stop_requested = False
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * self.world_size
-        self.flops_per_seq = mlm_train_flops(cfg.model, cfg.model.max_seq_len, cfg.data.mask_prob)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision.dtype]
-        if self.device.type == "cpu" and dtype == torch.float16:
-            dtype = torch.float32
-        self.peak_flops = 1e12 * (cfg.train.peak_tflops or measure_peak_tflops(self.device, dtype))
-        self._say(report.engine_line(cfg, self.world_size, self.device, self.peak_flops))
+        dtype = "fp32" if self.device.type == "cpu" and cfg.precision.dtype == "fp16" else cfg.precision.dtype
+        self.peak = device_peak(self.device, dtype, cfg.train.peak_tflops)  # stated, datasheet or measured
+        self._say(report.engine_line(cfg, self.world_size, self.device, self.peak))
         self._resume()
         if self.is_main and self.step:
             note = trim_metrics(self.run_dir, self.step)  # the steps after the checkpoint run again
@@ -474,11 +471,14 @@ class Trainer:
                 if self.is_main:
                     print(f"stop requested: saving a checkpoint at step {self.step}", flush=True)
                 break
+            # evaluations and saves are not training time: the window in progress leaves them out
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                last_eval = (self.step, self.evaluate())
-                self.metrics.log(last_eval[1], self.step, prefix="eval")
+                with window.paused():
+                    last_eval = (self.step, self.evaluate())
+                    self.metrics.log(last_eval[1], self.step, prefix="eval")
             if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
-                self.save()
+                with window.paused():
+                    self.save()
                 saved_at = self.step
         seconds = time.perf_counter() - t_start
         if saved_at != self.step:
@@ -568,7 +568,7 @@ class Trainer:
         applied = (engine.was_step_applied() and not nonfinite
                    and not getattr(self.optimizer, "last_step_skipped", False))
         self._account_skip(applied, nonfinite)
-        window.add(loss_sum, correct, count, lr, applied)
+        window.add(loss_sum, correct, count, lr, applied, predicted=local)
         return {"stop": stop}
 
     def _account_skip(self, applied: bool, nonfinite: bool) -> None:
@@ -648,12 +648,14 @@ def _unreadable_as_checkpoint_error(path: Path):
 
 
 class _Window:
-    """Device-side sums between two logging steps, read (one sync) only when logged."""
+    """Device-side sums between two logging steps, read (one sync) only when logged. Its clock
+    counts training only: ``paused()`` leaves evaluations and saves out of tokens/s and MFU."""
 
     def __init__(self):
         self.loss_sum = self.correct = self.count = None
         self.grad_norm = None
         self.steps = 0
+        self.predicted = 0  # this rank's masked positions, every step (host-side: the loader's)
         self.applied = 0
         self.lr = 0.0
         self.wait = 0.0
@@ -665,13 +667,22 @@ class _Window:
         yield
         self.wait += time.perf_counter() - t
 
-    def add(self, loss_sum, correct, count, lr, applied):
+    @contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - t
+
+    def add(self, loss_sum, correct, count, lr, applied, predicted: int = 0):
         if applied:
             self.loss_sum = loss_sum if self.loss_sum is None else self.loss_sum + loss_sum
             self.correct = correct if self.correct is None else self.correct + correct
             self.count = count if self.count is None else self.count + count
             self.applied += 1
         self.steps += 1
+        self.predicted += predicted
         self.lr = lr
 
     def note_gradients(self, trainer: Trainer) -> None:
@@ -694,7 +705,9 @@ class _Window:
             loss = acc = float("nan")
         seqs = self.steps * trainer.global_batch
         tokens_per_s = seqs * trainer.cfg.model.max_seq_len / elapsed
-        achieved = seqs * trainer.flops_per_seq / elapsed / trainer.world_size
+        # this rank's model FLOPs (its sequences, its exact masked positions) over its device's peak
+        local_seqs = self.steps * trainer.global_batch // trainer.world_size
+        flops = mlm_step_flops(trainer.cfg.model, trainer.cfg.model.max_seq_len, local_seqs, self.predicted)
         grad_norm = trainer.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self.grad_norm
@@ -710,7 +723,7 @@ class _Window:
             "skipped_steps": float(trainer.skipped_steps),
             "tokens_per_s": tokens_per_s,
             "samples_per_s": seqs / elapsed,
-            "mfu": achieved / trainer.peak_flops,
+            "mfu": mfu(flops, elapsed, trainer.peak.flops),
             "peak_memory_gib": peak_memory_bytes(trainer.device) / 2**30,
             "data_wait_fraction": self.wait / elapsed,
             "eta_s": eta,
