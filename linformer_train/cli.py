@@ -21,6 +21,15 @@ def make_parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParse
     return _Parser(prog=prog, description=description, **kwargs)
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, example: str = "") -> None:
+    """``--config YAML`` (repeatable) and trailing ``key=value`` overrides: how every command that
+    reads the config takes it (``load_config(args.config, args.overrides)``, files first)."""
+    parser.add_argument("--config", action="append", default=[], metavar="YAML",
+                        help="config file (repeatable; later files override earlier ones)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides" + (f", e.g. {example}" if example else ""))
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean the user's input is wrong: printed as one line, exit 2."""
     from linformer_train.config import ConfigError

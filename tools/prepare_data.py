@@ -24,15 +24,14 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from linformer_train.cli import make_parser, run_main  # noqa: E402
+from linformer_train.cli import add_config_arguments, make_parser, run_main  # noqa: E402
 
 
 def main(argv: Sequence[str]) -> int:
     from linformer_train.data.corpus import add_source_flags, source_overrides
 
     parser = make_parser("prepare_data", __doc__.splitlines()[0])
-    parser.add_argument("--config", action="append", default=[], metavar="YAML",
-                        help="config file (repeatable; later files override earlier ones)")
+    add_config_arguments(parser)
     parser.add_argument("--out", metavar="DIR", help="data.prepared_dir (default <train.run_dir>/data)")
     parser.add_argument("--seq-len", type=int, metavar="N", help="model.max_seq_len: tokens per block")
     parser.add_argument("--tokenizer", metavar="PATH", help="data.tokenizer: an existing .model, a Hugging "
@@ -42,7 +41,6 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a set prepared from other inputs instead of refusing")
     add_source_flags(parser)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
 
     from linformer_train.config import load_config

@@ -21,15 +21,14 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from linformer_train.cli import make_parser, run_main  # noqa: E402
+from linformer_train.cli import add_config_arguments, make_parser, run_main  # noqa: E402
 
 
 def main(argv: Sequence[str]) -> int:
     from linformer_train.data.corpus import add_source_flags, source_overrides
 
     parser = make_parser("train_tokenizer", __doc__.splitlines()[0])
-    parser.add_argument("--config", action="append", default=[], metavar="YAML",
-                        help="config file (repeatable; later files override earlier ones)")
+    add_config_arguments(parser)
     parser.add_argument("--out", metavar="DIR", help="directory (or .model path) to write the tokenizer to")
     parser.add_argument("--vocab-size", type=int, help="pieces (data.tokenizer_vocab_size; "
                         "default model.vocab_size)")
@@ -37,7 +36,6 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--character-coverage", type=float, help="data.tokenizer_character_coverage")
     parser.add_argument("--sample-sentences", type=int, help="data.tokenizer_sample_sentences")
     add_source_flags(parser)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
 
     from linformer_train.config import load_config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from linformer_train.cli import make_parser
+from linformer_train.cli import add_config_arguments, make_parser
 
 
 def finetune(argv: Sequence[str]) -> int:
@@ -15,10 +15,7 @@ def finetune(argv: Sequence[str]) -> int:
     sub.required = True
 
     p = sub.add_parser("train", help="fine-tune (deepspeed / torchrun / python)")
-    p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="config file (repeatable; later files override earlier ones)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. model.pretrained=models/base task.preset=sst2 optim.lr=1e-5")
+    add_config_arguments(p, "model.pretrained=models/base task.preset=sst2 optim.lr=1e-5")
 
     p = sub.add_parser("predict", help="one predicted label per input line, written to a file")
     p.add_argument("--model", required=True, help="a fine-tuned model directory (<output_dir>/seed_S/best)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from linformer_train.cli import make_parser, run_main
+from linformer_train.cli import add_config_arguments, make_parser, run_main
 
 
 def main() -> None:
@@ -16,14 +16,11 @@ def main() -> None:
 
 def pretrain(argv: Sequence[str]) -> int:
     parser = make_parser("pretrain", "Pretrain a Linformer encoder with masked-language modelling.")
-    parser.add_argument("--config", action="append", default=[], metavar="YAML",
-                        help="config file (repeatable; later files override earlier ones)")
+    add_config_arguments(parser, "optim.lr=3e-4 train.max_steps=1000")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run's latest complete checkpoint (checkpoint.resume=auto)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. optim.lr=3e-4 train.max_steps=1000")
     args = parser.parse_intermixed_args(argv)  # overrides may also follow --resume (as in convert, finetune)
 
     from linformer_train.cli import UsageError
