@@ -10,7 +10,8 @@ Modules, in the order data flows through them:
 - ``pipeline``  the steps in order, and nothing else: ``ensure_prepared`` (source -> tokenizer ->
   tokenize -> pack -> manifest, or reuse) and ``build_training_data`` (-> masker -> loader)
 
-Only ``pipeline`` calls the others; they import nothing from each other.
+Only ``pipeline`` calls the others: corpus, tokenizer and prepare import nothing from each other,
+and the loader is given its masker (it imports only masking's constants).
 
 This package's import is light (no torch, no datasets): the CLIs import :class:`DataError` from here
 to recognise a user's mistake.

@@ -2,9 +2,10 @@
 
 ``ensure_prepared`` makes (or reuses) a prepared set, ``build_training_data`` opens one for the
 trainer. Each step is one call into the module that owns it (``corpus``, ``tokenizer``,
-``prepare``, ``masking``, ``loader``); those modules never call each other, so what happens to the
-data can be read here, top to bottom. Preparing imports no torch: the masking and loader modules are
-imported by ``build_training_data`` only.
+``prepare``, ``masking``, ``loader``); corpus, tokenizer and prepare never import each other and the
+loader is handed its masker, so what happens to the data can be read here, top to bottom.
+Preparing imports no torch: the masking and loader modules are imported by ``build_training_data``
+only.
 """
 
 from __future__ import annotations
