@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -300,6 +301,41 @@ def test_pypi_linformer_layer_runs_against_the_same_baselines():
     assert rows[0]["flops"] == by_hand and rows[1]["flops"] == by_hand
     with pytest.raises(ConfigError, match="--target layer"):
         prof.build_cases(tiny(), seq_lens=[128], attentions=["linformer"], ks=[32], impls=["pypi"])
+
+
+# --------------------------------------------------------------------------------- step breakdown
+
+
+def _ev(name, start, end, device_us=0.0):
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                           self_device_time_total=device_us)
+
+
+def test_step_breakdown_reads_the_trainer_ranges():
+    from linformer_train.profiling.steps import step_breakdown
+
+    # two steps of 100 us (and a third that only ends the second); times in microseconds
+    events = []
+    for s in (0, 100, 200):
+        events += [_ev("train.step", s, s + 90), _ev("train.data", s + 1, s + 6),
+                   _ev("train.forward", s + 10, s + 30), _ev("train.backward", s + 30, s + 70),
+                   _ev("train.optimizer", s + 75, s + 85),
+                   # ops with kernels: one launched in each phase, one between phases
+                   _ev("aten::mm", s + 12, s + 13, 15.0), _ev("aten::mm", s + 31, s + 32, 30.0),
+                   _ev("aten::add_", s + 76, s + 77, 5.0), _ev("aten::fill_", s + 72, s + 73, 3.0)]
+    cpu = step_breakdown(events)
+    assert cpu["steps"] == 2 and cpu["step_ms"] == pytest.approx(0.1)
+    assert [cpu[f"{p}_ms"] * 1e3 for p in ("forward", "backward", "optimizer", "data", "other")] == \
+        pytest.approx([20, 40, 10, 5, 25])
+    assert cpu["shares"]["backward"] == pytest.approx(0.4)
+    one = step_breakdown(events, skip=1)  # the first step dropped, the last still has no end
+    assert one["steps"] == 1
+    cuda = step_breakdown(events, device="cuda")  # kernels by the phase they were launched in
+    assert [cuda[f"{p}_ms"] * 1e3 for p in ("forward", "backward", "optimizer", "data")] == \
+        pytest.approx([15, 30, 5, 0])
+    assert cuda["other_ms"] * 1e3 == pytest.approx(100 - 50)  # the kernel between phases, and idle
+    with pytest.raises(ValueError, match="too few"):
+        step_breakdown(events, skip=2)
 
 
 # ------------------------------------------------------------------------------------------- GPU

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
 
@@ -76,6 +77,30 @@ def _ends(pid: int, within_s: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+@pytest.mark.slow
+def test_bench_breakdown_splits_real_steps_into_parts_that_sum_to_the_step(prepared_data, tmp_path, capsys):
+    """A tiny CPU run, profiled: forward, backward, optimizer, data and other per step, printed and
+    written with the row; the measured parts fit inside the step and the maths takes most of it."""
+    from conftest import TINY
+
+    bench = load_tool("bench_pretrain")
+    out = tmp_path / "bench.json"
+    code = run_main(bench.main, ["--preset", "tiny", "--n", "64", "--k", "16", "--attention", "linformer",
+                                 "--steps", "6", "--warmup", "2", "--micro-batch", "8", "--breakdown",
+                                 "--out", str(out), "--", *TINY, f"data.prepared_dir={prepared_data}"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    row = json.loads(out.read_text())[0]
+    b = row["breakdown"]
+    assert b["steps"] == 3 and b["device"] == "cpu"  # 6 steps, 2 dropped, the last has no end
+    parts = [b[f"{p}_ms"] for p in ("forward", "backward", "optimizer", "data")]
+    assert all(v > 0 for v in parts[:3]) and parts[3] >= 0
+    assert b["other_ms"] >= 0 and sum(parts) + b["other_ms"] == pytest.approx(b["step_ms"])
+    assert sum(parts[:3]) > 0.5 * b["step_ms"]
+    assert sum(b["shares"].values()) == pytest.approx(1.0)
+    assert "step breakdown, ms per step" in printed and "host time of each phase's ranges" in printed
 
 
 def test_bench_flags_all_have_help():

@@ -7,12 +7,17 @@ rest are reported. Configurations of one sweep alternate in the same session, so
 ratios. Progress goes to stderr, the table to stdout; the exit code is 1 when any configuration
 failed (its row says why).
 
+--breakdown runs each configuration once more under the torch profiler and splits its steps into
+forward, backward, optimizer, data and other (linformer_train/profiling/steps.py says how), printed
+after the table and written with the rows.
+
     python tools/bench_pretrain.py --preset tiny small --n 512 2048 8192 --attention linformer full \
-        --steps 12 --micro-batch 4 --out bench.json -- precision.dtype=fp32
+        --steps 12 --micro-batch 4 --breakdown --out bench.json -- precision.dtype=fp32
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -25,6 +30,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# tools/ holds a profile.py, which would shadow the standard library's profile (cProfile, and so
+# torch._dynamo, import it) in the breakdown worker: keep tools/ off the path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "tools"]
 sys.path.insert(0, str(ROOT))
 
 from linformer_train.cli import make_parser, run_main  # noqa: E402
@@ -55,6 +63,55 @@ def bench_one(overrides: list[str], run_dir: Path, launcher: list[str], timeout:
     return {"rows": [r for r in rows if r["split"] == "train"]}
 
 
+def breakdown_one(overrides: list[str], run_dir: Path, skip: int, timeout: float) -> dict:
+    """The step breakdown of one configuration, from its own process (the same steps as the timed
+    run, under the torch profiler); {'breakdown': {...}} or {'error': ...}."""
+    out = run_dir.with_name(run_dir.name + "-breakdown.json")
+    config = [o for o in overrides if o.startswith("--config=")]
+    rest = [o for o in overrides if not o.startswith("--config=")]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--breakdown-worker", str(out),
+           "--warmup", str(skip), *config, "--", *rest, f"train.run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"breakdown still running after {timeout:g} s (--timeout); stopped"}
+    finally:
+        _kill_group(proc)
+    if proc.returncode != 0 or not out.is_file():
+        tail = (err.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        return {"error": f"breakdown: {tail}"}
+    return {"breakdown": json.loads(out.read_text())}
+
+
+def _breakdown_worker(args) -> int:
+    """--breakdown-worker OUT: train the overrides' configuration under the profiler, write OUT."""
+    from linformer_train.config import load_config
+    from linformer_train.profiling.steps import profile_training
+
+    cfg = load_config([args.config] if args.config else [], args.overrides)
+    result = profile_training(cfg, skip=args.warmup)
+    Path(args.breakdown_worker).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def print_breakdown(results: list[dict]) -> None:
+    rows = [r for r in results if r.get("breakdown")]
+    if not rows:
+        return
+    clock = rows[0]["breakdown"]["clock"]
+    print(f"\nstep breakdown, ms per step (torch profiler; {clock}; a profiled step runs slower):")
+    print(f"{'preset':>6} {'attn':>9} {'n':>5} {'step':>8} {'forward':>8} {'backward':>8} {'optim':>8} "
+          f"{'data':>8} {'other':>8}   shares fwd/bwd/opt/data/other")
+    for r in rows:
+        b = r["breakdown"]
+        shares = "/".join(f"{100 * b['shares'][p]:.0f}" for p in ("forward", "backward", "optimizer", "data", "other"))
+        print(f"{r['preset']:>6} {r['attention']:>9} {r['n']:>5} {b['step_ms']:>8.1f} {b['forward_ms']:>8.1f} "
+              f"{b['backward_ms']:>8.1f} {b['optimizer_ms']:>8.1f} {b['data_ms']:>8.2f} {b['other_ms']:>8.1f}   "
+              f"{shares} %")
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL whatever is left of the run's process group (nothing, after a clean exit)."""
     try:
@@ -80,6 +137,10 @@ def build_parser():
     parser.add_argument("--timeout", type=float, default=1800,
                         help="seconds one configuration may run before it is stopped and counted as failed "
                              "(default: %(default)s)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also split each configuration's steps into forward, backward, optimizer, data and "
+                             "other with the torch profiler (one more run per configuration, one rank)")
+    parser.add_argument("--breakdown-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="write the results as JSON")
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every run (key=value)")
     return parser
@@ -88,10 +149,16 @@ def build_parser():
 def main(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.breakdown_worker:
+        return _breakdown_worker(args)
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
     if args.ranks < 1:
         parser.error(f"--ranks {args.ranks} must be at least 1")
+    if args.breakdown and args.ranks != 1:
+        parser.error("--breakdown profiles one rank; use it with --ranks 1")
+    if args.breakdown and args.steps < args.warmup + 2:
+        parser.error("--breakdown needs --steps >= --warmup + 2 (a step is timed to the next one's start)")
 
     launcher = [sys.executable] if args.ranks == 1 else [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks)]
@@ -137,6 +204,11 @@ def main(argv) -> int:
             print(f"{preset:>6} {attention:>9} {n:>5} {row['k'] or '':>4} {row['tokens_per_s']:>9.0f} "
                   f"{100 * row['mfu']:>6.1f} {100 * row['data_wait_fraction']:>6.2f} "
                   f"{row['peak_memory_gib']:>8.2f}", flush=True)
+            if args.breakdown:
+                print(f"[{i}/{len(plans)}] {what}: step breakdown ...", file=sys.stderr, flush=True)
+                got = breakdown_one(overrides, work / f"{preset}-{attention}-{n}-profiled", args.warmup,
+                                    args.timeout)
+                row.update(got if "breakdown" in got else {"breakdown_error": got["error"]})
         results.append(row)
     by_key = {(r["preset"], r["n"], r["attention"]): r for r in results}
     for (preset, n, attention), r in by_key.items():
@@ -144,12 +216,13 @@ def main(argv) -> int:
         if attention == "linformer" and full and "tokens_per_s" in r and "tokens_per_s" in full:
             r["speedup_vs_full"] = r["tokens_per_s"] / full["tokens_per_s"]
             print(f"{preset} n={n}: linformer / full tokens/s = {r['speedup_vs_full']:.2f}x")
+    print_breakdown(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
-    failed = [r for r in results if "error" in r]
+    failed = [r for r in results if "error" in r or "breakdown_error" in r]
     if failed:  # a sweep with a hole is not a result: say so in the exit code too
-        print(f"error: {len(failed)} of {len(results)} configurations failed (first: {failed[0]['error']})",
-              file=sys.stderr)
+        first = failed[0].get("error") or failed[0]["breakdown_error"]
+        print(f"error: {len(failed)} of {len(results)} configurations failed (first: {first})", file=sys.stderr)
         return 1
     return 0
 

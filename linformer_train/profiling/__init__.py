@@ -23,6 +23,7 @@ The measuring code behind ``tools/profile.py``, one concern a module:
   ``full`` (torch SDPA, today's baseline).
 * :mod:`.max_batch`: the largest batch under a memory budget.
 * :mod:`.estimate`: memory per GPU by ZeRO stage without a run.
+* :mod:`.steps`: where the time of a real training step goes (forward, backward, optimizer, data).
 * :mod:`.machine` and :mod:`.report`: the machine's description; JSON, CSV, plots and tables.
 
 FLOPs come from :mod:`linformer_train.model.flops` and MFU from :mod:`linformer_train.train.mfu`,

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from linformer_train.config import Config, ConfigError, save_config, to_dict, config_from_dict
 from linformer_train.model import (
@@ -459,7 +460,8 @@ class Trainer:
         last_train = last_eval = None
         self._say(report.plan_line(cfg, start_step, self.world_size, str(self.checkpoints.root)))
         while self.step < last:
-            stats = self.train_step(window)
+            with record_function("train.step"):  # the phases: profiling/steps.py reads them back
+                stats = self.train_step(window)
             # a stopping step was trained too: log it, or the history has a hole where it resumes
             if self.metrics.should_log(self.step) or stats["stop"]:
                 elapsed = time.perf_counter() - t_start
@@ -550,12 +552,15 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro, 1):
-            out = engine(batch["input_ids"].to(self.device, non_blocking=True),
-                         labels=batch["labels"].to(self.device, non_blocking=True))
-            engine.backward(out.loss_sum * (accum * self.world_size) / count)
+            with record_function("train.forward"):
+                out = engine(batch["input_ids"].to(self.device, non_blocking=True),
+                             labels=batch["labels"].to(self.device, non_blocking=True))
+            with record_function("train.backward"):
+                engine.backward(out.loss_sum * (accum * self.world_size) / count)
             if i == accum:  # the gradients are complete (and all-reduced) and not yet clipped
                 window.note_gradients(self)
-            engine.step()
+            with record_function("train.optimizer"):
+                engine.step()
             loss_sum += out.loss_sum.detach().float()
             correct += out.num_correct.detach().float()
         # the one per-step sync: every rank must agree on stopping and on a non-finite step
@@ -664,7 +669,8 @@ class _Window:
     @contextmanager
     def data_wait(self):
         t = time.perf_counter()
-        yield
+        with record_function("train.data"):
+            yield
         self.wait += time.perf_counter() - t
 
     @contextmanager
