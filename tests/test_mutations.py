@@ -37,6 +37,8 @@ WRONG_TYPE = {
     dict: ["5", "[1]", "abc"],
     typing.Any: ["abc", "1.5", "true", "[a]", "{first: a, last: 1}"],  # model.k
 }
+# Any-typed keys whose valid values differ from model.k's
+WRONG_FOR_KEY = {"train.compile": ["abc", "1.5", "2", "[a]", "{a: 1}", "null"]}
 
 # values out of range for one key (each a separate case); the message must name the key
 OUT_OF_RANGE = {
@@ -139,7 +141,7 @@ def type_mutations(schema: type, choices: dict) -> list[tuple[list[str], list[st
         for f in dataclasses.fields(cls):
             key = f"{section.name}.{f.name}"
             base, optional = _kind(hints[f.name])
-            values = list(WRONG_TYPE.get(base, []))
+            values = list(WRONG_FOR_KEY.get(key, WRONG_TYPE.get(base, [])))
             if not optional and base is not typing.Any:
                 values.append("null")
             if key in choices:

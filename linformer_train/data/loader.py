@@ -25,6 +25,15 @@ STATE_VERSION = 1
 _SHUFFLE_STREAM = 0x5F1E
 
 
+def mlm_batch(input_ids: torch.Tensor, labels: torch.Tensor, pin: bool = False) -> dict[str, torch.Tensor]:
+    """A batch as the model takes it: ids, labels and ``predict_index``, the flat positions of the
+    predicted tokens, found here on the host (the model gathers them with index_select, so no device
+    ever waits for a boolean mask's nonzero). ``pin`` page-locks the tensors for non_blocking copies."""
+    index = torch.from_numpy(np.flatnonzero(labels.numpy().reshape(-1) != IGNORE_INDEX))
+    batch = {"input_ids": input_ids, "labels": labels, "predict_index": index}
+    return {k: v.pin_memory() for k, v in batch.items()} if pin else batch
+
+
 def _take(blocks: Sequence, indices: np.ndarray) -> np.ndarray:
     """(len(indices), n) tokens: one fancy-indexed read from a BlockSet, row by row otherwise."""
     if hasattr(blocks, "take"):
@@ -49,7 +58,7 @@ class MLMLoader:
 
     def __init__(self, blocks: Sequence, masker: MLMMasker, micro_batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
-                 prefetch: int = 2):
+                 prefetch: int = 2, pin_memory: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
         if micro_batch_size <= 0:
@@ -57,6 +66,7 @@ class MLMLoader:
         self.blocks, self.masker = blocks, masker
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last, self.prefetch = int(seed), shuffle, drop_last, prefetch
+        self.pin_memory = pin_memory
         self.num_blocks = len(blocks)
         per_step = micro_batch_size * world_size
         self.batches_per_epoch = (self.num_blocks // per_step if drop_last
@@ -102,7 +112,7 @@ class MLMLoader:
         """The batch at a position, computed now (what the prefetch thread runs)."""
         indices = self.sample_indices(epoch, batch)
         input_ids, labels = self.masker(_take(self.blocks, indices), epoch, indices, stream=TRAIN_STREAM)
-        return {"input_ids": input_ids, "labels": labels}
+        return mlm_batch(input_ids, labels, self.pin_memory)
 
     # ----------------------------------------------------------------------------- iteration
 
@@ -243,5 +253,5 @@ def validation_batches(blocks: Sequence, masker: MLMMasker, micro_batch_size: in
         if not real.all():
             pad = torch.from_numpy(~real)
             labels[pad] = IGNORE_INDEX
-        yield {"input_ids": input_ids, "labels": labels}
+        yield mlm_batch(input_ids, labels)
 

@@ -226,6 +226,8 @@ class TrainingData:
 def build_training_data(data: "DataConfig", model: "ModelConfig", train: "TrainConfig",
                         run_dir: str | Path, rank: int = 0, world_size: int = 1) -> TrainingData:
     """Prepare (rank 0) or reuse the data, open it, check it against the model, build the loader."""
+    import torch
+
     from linformer_train.data.loader import MLMLoader
     from linformer_train.data.masking import MLMMasker
 
@@ -244,7 +246,7 @@ def build_training_data(data: "DataConfig", model: "ModelConfig", train: "TrainC
                        tokenizer.vocab_size, tokenizer.special_ids,
                        tokenizer.word_start if data.whole_word_masking else None, seed=train.seed)
     loader = MLMLoader(prepared.train, masker, train.micro_batch_size, rank, world_size, train.seed,
-                       prefetch=data.prefetch_batches)
+                       prefetch=data.prefetch_batches, pin_memory=torch.cuda.is_available())
     return TrainingData(prepared, tokenizer, masker, loader, train.micro_batch_size, rank, world_size)
 
 

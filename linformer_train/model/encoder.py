@@ -128,18 +128,22 @@ class LinformerForMLM(nn.Module):
         h = self.head_norm(F.gelu(self.head_dense(h)))
         return F.linear(h, self.encoder.tokens.weight, self.head_bias)  # tied decoder
 
-    def forward(self, input_ids, attention_mask=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, predict_index=None):
         """Without labels: logits (B, L, V). With labels (-100 = not predicted): MLMOutput, the LM
-        head applied only at predicted positions (a 15% mask skips 85% of the vocab matmul)."""
+        head applied only at predicted positions (a 15% mask skips 85% of the vocab matmul).
+        ``predict_index`` (M,), the flat positions of the predicted tokens, gathers them with
+        index_select; without it a boolean mask selects them, which costs a device sync (nonzero)."""
         h = self.encoder(input_ids, attention_mask)                 # (B, L, D)
         if labels is None:
             return self._logits(h)
-        sel = labels != IGNORE_INDEX                                # (B, L)
-        logits = self._logits(h[sel])                               # (M, V)
-        target = labels[sel]
+        if predict_index is None:
+            predict_index = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # syncs
+        flat = h.reshape(-1, h.shape[-1]).index_select(0, predict_index)   # (M, D)
+        target = labels.reshape(-1).index_select(0, predict_index)          # (M,)
+        logits = self._logits(flat)                                 # (M, V)
         loss_sum = F.cross_entropy(logits.float(), target, reduction="sum")
         correct = (logits.argmax(-1) == target).sum()
-        return MLMOutput(loss_sum, sel.sum(), correct)
+        return MLMOutput(loss_sum, target.new_full((), target.numel()), correct)
 
 
 class LinformerForSequenceClassification(nn.Module):
