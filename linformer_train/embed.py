@@ -17,7 +17,6 @@ tokens/s.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from linformer_train.data import DataError
+from linformer_train.data.corpus import json_records
 
 POOLING = ("mean", "first")
 FORMATS = ("auto", "text", "jsonl", "parquet")
@@ -69,14 +69,8 @@ def read_documents(path: str | os.PathLike, fmt: str = "auto", text_column: str 
             raise DataError(f"{path} is empty; give one document per line")
         return [line.rstrip("\r") for line in lines], None
     texts, ids = [], [] if id_column else None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise DataError(f"{path} line {i} is not valid JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get(text_column), str):
+    for i, row in json_records(path, lines):
+        if not isinstance(row.get(text_column), str):
             raise DataError(f"{path} line {i} has no text in column {text_column!r} (--text-column)")
         texts.append(row[text_column])
         if ids is not None:

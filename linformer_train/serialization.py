@@ -14,7 +14,8 @@ DeepSpeed record types listed in ``DEEPSPEED_SAFE_GLOBALS`` (plain data classes 
   this process and the processes it starts: DeepSpeed's checkpoint engine, ``zero_to_fp32``,
   ``ds_to_universal``). Every entry point calls it first (``cli.run_main``), the Trainer again.
 - ``allow_deepspeed_records()`` allow-lists DeepSpeed's record types; called wherever DeepSpeed is
-  about to read its own files (it imports DeepSpeed, so not at start-up).
+  about to read its own files (it imports DeepSpeed, so not at start-up). ``vet_for_deepspeed(dir)``
+  does both and checks every file of a checkpoint folder, before DeepSpeed reads it by itself.
 - ``read_json_object(path, error, ...)`` reads what needs more than tensors (manifests, model and
   tokenizer records): a file that is not a JSON object is one line of the caller's error type.
 """
@@ -97,6 +98,15 @@ def check_loadable(path: str | os.PathLike) -> None:
     bad = [n for n in names if n not in allowed_names()]
     if bad:
         raise _refusal(path, bad)
+
+
+def vet_for_deepspeed(folder: str | os.PathLike) -> None:
+    """Before DeepSpeed reads a checkpoint folder itself (merging ZeRO shards, ds_to_universal): its
+    loads weights-only, its record types allowed, and every ``*.pt`` file's pickle checked first."""
+    forbid_code_in_loads()
+    allow_deepspeed_records()
+    for f in sorted(Path(folder).glob("*.pt")):
+        check_loadable(f)
 
 
 def is_refusal(exc: BaseException) -> bool:

@@ -91,12 +91,7 @@ def read_checkpoint(ckpt: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     from linformer_train import serialization
 
     path = resolve_checkpoint(ckpt)
-    # every file DeepSpeed's merge may read is vetted first (pickle records only, no tensors), and
-    # its own torch.load calls run weights-only too
-    serialization.forbid_code_in_loads()
-    serialization.allow_deepspeed_records()
-    for f in sorted(path.glob("*.pt")):
-        serialization.check_loadable(f)
+    serialization.vet_for_deepspeed(path)  # every file DeepSpeed's merge may read, before it does
     states = sorted(path.glob("*model_states.pt"))
     # stage 0-2: mp_rank_00_model_states.pt; stage 3: zero_pp_rank_R_mp_rank_00_model_states.pt
     main = path / "mp_rank_00_model_states.pt"

@@ -53,9 +53,8 @@ from typing import Optional
 
 import torch
 
-from linformer_train.config import ConfigError, config_from_dict
 from linformer_train.convert import ConversionError
-from linformer_train.convert.model_dir import (build_model, check_output_dir, check_tokenizer,
+from linformer_train.convert.model_dir import (build_model, check_output_dir, check_tokenizer, model_config,
                                                save_pretrained)
 from linformer_train.convert.resize import POSITION_METHODS, extend_positions
 from linformer_train.serialization import read_json_object
@@ -412,10 +411,7 @@ def warm_start(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer:
     }
     if "k" not in overrides:  # the paper's n=512 -> k=128 ratio, whatever n is
         raw["k"] = max(1, min(128, raw["max_seq_len"] // 4))
-    try:
-        cfg = config_from_dict({"model": raw}).model
-    except ConfigError as exc:
-        raise ConversionError(f"warm start: {exc}") from None
+    cfg = model_config(raw, "warm start")
 
     state = _normalise_keys(read_hf_weights(hf_dir), family["prefix"])
     used: set = set()

@@ -309,10 +309,16 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
     unknown = set(raw) - {"model"}
     if unknown or not isinstance(raw.get("model"), dict):
         raise ConversionError(f"{cfg_file} must hold one `model:` section (found {sorted(raw or {})})")
+    return model_config(raw["model"], str(cfg_file))
+
+
+def model_config(raw: dict, where: str) -> ModelConfig:
+    """A model section built by a conversion (or read from a model directory), validated; a value
+    the schema refuses is a ConversionError that says which conversion (``where``) made it."""
     try:
-        return config_from_dict({"model": raw["model"]}).model
+        return config_from_dict({"model": raw}).model
     except ConfigError as exc:
-        raise ConversionError(f"{cfg_file}: {exc}") from None
+        raise ConversionError(f"{where}: {exc}") from None
 
 
 def header_shapes(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -49,11 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linformer_train.config import ConfigError, ModelConfig, config_from_dict, k_schedule
+from linformer_train.config import ModelConfig, k_schedule
 from linformer_train.convert import ConversionError
 from linformer_train.convert.model_dir import (architecture_of, build_model, check_output_dir,
-                                               from_pretrained, load_model_info, save_pretrained,
-                                               to_dict_model, tokenizer_file)
+                                               from_pretrained, load_model_info, model_config,
+                                               save_pretrained, to_dict_model, tokenizer_file)
 
 POSITION_METHODS = ("interpolate", "copy")
 PROJECTION_SCALINGS = ("norm", "linear", "none")
@@ -139,10 +139,7 @@ def resize_model(model: nn.Module, max_seq_len: int, k: Any = None, positions: s
         k = ks[0] if len(set(ks)) == 1 else ks
     if k is not None:
         raw["k"] = k
-    try:
-        new_cfg = config_from_dict({"model": raw}).model
-    except ConfigError as exc:
-        raise ConversionError(f"resize: {exc}") from None
+    new_cfg = model_config(raw, "resize")
     if old_cfg.projection == "conv" and old_cfg.attention == "linformer":
         old_w = [old_cfg.max_seq_len // kk for kk in k_schedule(old_cfg)]
         new_w = [new_cfg.max_seq_len // kk for kk in k_schedule(new_cfg)]

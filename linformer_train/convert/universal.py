@@ -30,10 +30,7 @@ def to_universal(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, work
     check_output_dir(out, overwrite=False, inputs={"the checkpoint": checkpoint})
     path = resolve_checkpoint(checkpoint)
     check_output_dir(out, overwrite=False, inputs={"the checkpoint": path})
-    serialization.forbid_code_in_loads()
-    serialization.allow_deepspeed_records()
-    for f in sorted(path.glob("*.pt")):
-        serialization.check_loadable(f)
+    serialization.vet_for_deepspeed(path)
     from deepspeed.checkpoint import ds_to_universal
 
     args = argparse.Namespace(input_folder=str(path), output_folder=str(out), num_extract_workers=workers,

@@ -474,6 +474,22 @@ def _jsonl_documents(path: Path, column: str, stats: SourceStats, max_bad_fracti
             yield text
 
 
+def json_records(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSONL file that must be well formed
+    (labelled examples, inputs to embed), unlike a corpus, whose bad lines are counted and skipped: a
+    line that is not a JSON object is a one-line DataError naming it."""
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise DataError(f"{path} line {i} is not valid JSON") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {i} is a JSON {type(record).__name__}, not an object")
+        yield i, record
+
+
 def _parquet_documents(path: Path, column: str, stats: SourceStats) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -373,6 +373,21 @@ def scratch_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _document_batches(documents: Iterable[str]) -> Iterator[tuple[list[str], int]]:
+    """Documents in lists of DOC_BATCH, or fewer once they hold BATCH_BYTES characters, each with
+    its character count: the unit of an Arrow record batch and of a streamed encoding call."""
+    batch: list[str] = []
+    size = 0
+    for doc in documents:
+        batch.append(doc)
+        size += len(doc)
+        if len(batch) >= DOC_BATCH or size >= BATCH_BYTES:
+            yield batch, size
+            batch, size = [], 0
+    if batch:
+        yield batch, size
+
+
 def document_chunks(documents: Iterable[str], work: Path) -> Iterator["datasets.Dataset"]:
     """Documents as a series of Arrow files of about CHUNK_BYTES of text each, each opened as a
     ``datasets.Dataset`` and deleted once the consumer asks for the next one."""
@@ -380,25 +395,16 @@ def document_chunks(documents: Iterable[str], work: Path) -> Iterator["datasets.
     import pyarrow as pa
 
     schema = pa.schema([("text", pa.large_string())])
-    docs = iter(documents)
+    batches = _document_batches(documents)  # shared by the chunks: each takes up to CHUNK_BYTES of it
     for index in itertools.count():
         path = work / f"documents-{index:05d}.arrow"
         written = 0
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            batch: list[str] = []
-            size = 0
-            for doc in docs:
-                batch.append(doc)
-                size += len(doc)
-                if len(batch) >= DOC_BATCH or size >= BATCH_BYTES:
-                    writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
-                    written += size
-                    batch, size = [], 0
-                    if written >= CHUNK_BYTES:
-                        break
-            if batch:
+            for batch, size in batches:
                 writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
                 written += size
+                if written >= CHUNK_BYTES:
+                    break
         if written == 0:
             path.unlink()
             return
@@ -432,23 +438,11 @@ def _token_batches_from_arrow(files: Sequence[str], dtype: np.dtype) -> Iterator
 def tokenize_streamed(documents: Iterable[str], tok, dtype: np.dtype,
                       num_threads: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(values, lengths) per batch of streamed documents, encoded with the tokenizer's threads."""
-    batch: list[str] = []
-    size = 0
-
-    def encode(texts):
-        ids = tok.encode(texts, num_threads=num_threads)
+    for batch, _ in _document_batches(documents):
+        ids = tok.encode(batch, num_threads=num_threads)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         values = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
-        return values, lengths
-
-    for doc in documents:
-        batch.append(doc)
-        size += len(doc)
-        if len(batch) >= DOC_BATCH or size >= BATCH_BYTES:
-            yield encode(batch)
-            batch, size = [], 0
-    if batch:
-        yield encode(batch)
+        yield values, lengths
 
 
 def tokenize_chunks(chunks: Iterator["datasets.Dataset"], tok, dtype: np.dtype, num_proc: int, work: Path,

@@ -9,7 +9,6 @@ an error that names it, the file and the line.
 from __future__ import annotations
 
 import csv
-import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from linformer_train.data import DataError
+from linformer_train.data.corpus import json_records
 
 
 @dataclass(frozen=True)
@@ -153,15 +153,7 @@ def read_rows(path: Path, fmt: str, skip_bad_rows: bool = False) -> tuple[list[d
     elif fmt == "jsonl":
         columns: list[str] = []
         with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    raise DataError(f"{path} line {i} is not valid JSON") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path} line {i} is a JSON {type(obj).__name__}, not an object")
+            for i, obj in json_records(path, f):
                 for k in obj:
                     if k not in columns:
                         columns.append(k)
