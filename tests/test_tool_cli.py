@@ -101,6 +101,8 @@ def test_bench_breakdown_splits_real_steps_into_parts_that_sum_to_the_step(prepa
     assert sum(parts[:3]) > 0.5 * b["step_ms"]
     assert sum(b["shares"].values()) == pytest.approx(1.0)
     assert "step breakdown, ms per step" in printed and "host time of each phase's ranges" in printed
+    # the peak the MFU column divides by, as the run's engine line named it (TINY states 1 TFLOP/s)
+    assert row["mfu_peak"] == "1 TFLOP/s (train.peak_tflops)" and "MFU against 1 TFLOP/s" in printed
 
 
 def test_bench_flags_all_have_help():

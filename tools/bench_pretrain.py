@@ -49,7 +49,7 @@ def bench_one(overrides: list[str], run_dir: Path, launcher: list[str], timeout:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"still running after {timeout:g} s (--timeout); stopped"}
     finally:
@@ -60,7 +60,10 @@ def bench_one(overrides: list[str], run_dir: Path, launcher: list[str], timeout:
         tail = (err.strip().splitlines() or ["(no output)"])[-1]
         return {"error": tail}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"rows": [r for r in rows if r["split"] == "train"]}
+    # the engine line names the peak MFU divides by: "... | MFU against 989 TFLOP/s (H100 SXM dense ...)"
+    peak = next((line.split("| MFU against ", 1)[1] for line in out.splitlines()
+                 if line.startswith("engine: ") and "| MFU against " in line), None)
+    return {"rows": [r for r in rows if r["split"] == "train"], "mfu_peak": peak}
 
 
 def breakdown_one(overrides: list[str], run_dir: Path, skip: int, timeout: float) -> dict:
@@ -200,7 +203,7 @@ def main(argv) -> int:
             row.update(tokens_per_s=_median(steady, "tokens_per_s"), mfu=_median(steady, "mfu"),
                        data_wait_fraction=_median(steady, "data_wait_fraction"),
                        peak_memory_gib=max(r["peak_memory_gib"] for r in steady),
-                       final_loss=steady[-1]["loss"])
+                       final_loss=steady[-1]["loss"], mfu_peak=out.get("mfu_peak"))
             print(f"{preset:>6} {attention:>9} {n:>5} {row['k'] or '':>4} {row['tokens_per_s']:>9.0f} "
                   f"{100 * row['mfu']:>6.1f} {100 * row['data_wait_fraction']:>6.2f} "
                   f"{row['peak_memory_gib']:>8.2f}", flush=True)
@@ -216,6 +219,9 @@ def main(argv) -> int:
         if attention == "linformer" and full and "tokens_per_s" in r and "tokens_per_s" in full:
             r["speedup_vs_full"] = r["tokens_per_s"] / full["tokens_per_s"]
             print(f"{preset} n={n}: linformer / full tokens/s = {r['speedup_vs_full']:.2f}x")
+    peaks = sorted({r["mfu_peak"] for r in results if r.get("mfu_peak")})
+    if peaks:
+        print(f"MFU against {'; '.join(peaks)}")
     print_breakdown(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
