@@ -80,6 +80,39 @@ def test_padding_invariance(projection, sharing):
     assert (a[1, :13] - c[0]).abs().max() < 1e-4
 
 
+def test_naive_attention_matches_sdpa_with_padding_dropout_and_bf16():
+    """The written-out baseline is softmax attention as SDPA computes it: with a padding mask, in
+    eval mode even with attention dropout set (none is applied), in its input's dtype; in training
+    mode both drop."""
+    torch.manual_seed(2)
+    full = FullSelfAttention(64, 4, 0.5).eval()
+    naive = NaiveSelfAttention(64, 4, 0.5).eval()
+    naive.load_state_dict(full.state_dict())
+    x = torch.randn(2, 12, 64)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 5:] = 0
+    assert torch.allclose(naive(x, mask), full(x, mask), atol=1e-5)
+    assert torch.allclose(naive(x), full(x), atol=1e-5)
+    assert not torch.allclose(naive(x, mask)[1], naive(x)[1], atol=1e-3)  # the mask does something
+    out = naive.to(torch.bfloat16)(x.bfloat16(), mask)
+    assert out.dtype == torch.bfloat16
+    for attn in (full.float().train(), naive.float().train()):
+        torch.manual_seed(3)
+        first = attn(x, mask)
+        torch.manual_seed(4)
+        assert not torch.allclose(attn(x, mask), first, atol=1e-3)
+
+
+def test_mean_pooling_keeps_the_input_dtype():
+    from linformer_train.model.attention import MeanPoolProjection
+
+    x = torch.randn(2, 3, 16, 8, dtype=torch.bfloat16)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    pooled, _ = MeanPoolProjection(4, 16)(x, mask)
+    assert pooled.dtype == torch.bfloat16
+    assert torch.allclose(pooled.float(), x.float().view(2, 3, 4, 4, 8).mean(3), atol=1e-2)
+
+
 def test_full_attention_padding_invariance():
     model = LinformerForMLM(model_cfg(attention="full")).eval()
     ids = torch.randint(5, 97, (1, 64))

@@ -67,6 +67,10 @@ def test_lr_schedule():
     assert lr_at(60, decay="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_at(35, decay="cosine", **kw) > lr_at(35, decay="linear", **kw)
     assert lr_at(100, decay="constant", **kw) == 1.0
+    assert lr_at(10, decay="linear", **kw) == pytest.approx(1.0)       # the first step after warmup: the peak
+    for decay in ("linear", "cosine"):                                  # past the end: the floor, not below
+        assert lr_at(150, decay=decay, **kw) == pytest.approx(0.1)
+    assert lr_at(10, lr=1.0, warmup=10, total=10, decay="linear", min_ratio=0.1) == 1.0  # all warmup, no decay
 
 
 def test_finite_adamw_skips_nonfinite_steps_on_the_device():

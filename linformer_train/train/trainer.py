@@ -83,7 +83,7 @@ def lr_at(step: int, lr: float, warmup: int, total: int, decay: str, min_ratio: 
         return lr * (step + 1) / warmup
     if decay == "constant" or total <= warmup:
         return lr
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup) / (total - warmup))  # total > warmup here
     if decay == "cosine":
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
