@@ -160,7 +160,7 @@ def test_profile_table_fits_the_terminal_width():
 
     def printed(width: int) -> list[str]:
         console = Console(width=width, file=io.StringIO())
-        prof.print_table(rows, "a sweep", console)
+        load_tool("profile").print_table(rows, "a sweep", console)
         return console.file.getvalue().splitlines()
 
     for width in (60, 80, 100):

@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import sys
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 # This file is named like the standard library's `profile` (which cProfile, and so torch._dynamo,
 # import): drop tools/ from the path so that name resolves to the standard library.
@@ -244,6 +245,114 @@ def _budget(args, device: str, console) -> int:
     return asked
 
 
+# --------------------------------------------------------------------------------------------------
+# Console tables (the library writes JSON, CSV and plots; what is printed is the command line's)
+# --------------------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any, spec: str = ".1f") -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+# (header, cell); listed in the order they are left out when the terminal is too narrow: the
+# columns from _TABLE_KEEP always stay
+_TABLE_COLUMNS: dict[str, Callable[[dict], str]] = {
+    "label": lambda r: r["label"],
+    "mode": lambda r: r["mode"],
+    "n": lambda r: str(r["n"]),
+    "batch": lambda r: str(r["batch"]),
+    "time ms": lambda r: _fmt(r.get("time_ms")),
+    "tok/s": lambda r: _fmt(r.get("tokens_per_s"), ".0f"),
+    "TFLOP/s": lambda r: _fmt(r.get("tflops"), ".3f"),
+    "MFU": lambda r: _pct(r.get("mfu")),
+    "step MiB": lambda r: _fmt(r.get("mem_step_mib"), ".0f"),
+    "peak MiB": lambda r: _fmt(r.get("mem_peak_mib"), ".0f"),
+    "xnaive spd": lambda r: _fmt(r.get("speedup_vs_naive"), ".2f"),
+    "xnaive mem": lambda r: _fmt(r.get("mem_saved_vs_naive"), ".1f"),
+    "xsdpa spd": lambda r: _fmt(r.get("speedup_vs_sdpa"), ".2f"),
+    "xsdpa mem": lambda r: _fmt(r.get("mem_saved_vs_sdpa"), ".1f"),
+    "FLOP eff": lambda r: _pct(r.get("flop_efficiency_vs_sdpa")),
+    "status": lambda r: r.get("status") or "-",
+}
+_TABLE_KEEP = ("label", "n", "time ms", "status")
+_TABLE_DROP_ORDER = ("FLOP eff", "TFLOP/s", "xnaive mem", "xsdpa mem", "peak MiB", "tok/s", "MFU",
+                     "batch", "mode", "xnaive spd", "xsdpa spd", "step MiB")
+
+
+def print_table(rows: Sequence[dict], title: str = "", console=None) -> None:
+    """The sweep's table, fitted to the console's width: columns without a value in any row are
+    left out, then the least needed ones until it fits (a line says which; results.csv has all).
+    Failure reasons are listed under the table, not in a cell."""
+    from rich.cells import cell_len
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    cells = {name: [cell(r) for r in rows] for name, cell in _TABLE_COLUMNS.items()}
+    reasons = []
+    for i, r in enumerate(rows):
+        if r.get("status") != "ok" and r.get("reason"):
+            reasons.append(f"[{len(reasons) + 1}] {r['label']} n={r['n']} b={r['batch']}: {r['reason']}")
+            cells["status"][i] += f" [{len(reasons)}]"
+    names = [n for n in _TABLE_COLUMNS if n in _TABLE_KEEP or any(c != "-" for c in cells[n])]
+
+    def build(names: list[str]) -> Table:
+        table = Table(title=title or None, show_lines=False)
+        for name in names:
+            table.add_column(name, justify="left" if name in ("label", "mode", "status") else "right",
+                             no_wrap=True)
+        for i in range(len(rows)):
+            table.add_row(*(cells[name][i] for name in names))
+        return table
+
+    def width(names: list[str]) -> int:  # unwrapped: each column, its padding and borders
+        return 1 + sum(3 + max(cell_len(c) for c in [name, *cells[name]]) for name in names)
+
+    left_out = []
+    for name in _TABLE_DROP_ORDER:
+        if width(names) <= console.width:
+            break
+        if name in names:
+            names.remove(name)
+            same = set(cells[name])
+            left_out.append(f"{name} ({same.pop()} in every row)" if len(same) == 1 else name)
+    console.print(build(names))
+    if left_out:
+        console.print(f"left out to fit {console.width} columns: {', '.join(left_out)} (results.csv has them)")
+    for line in reasons:
+        console.print(line, markup=False, highlight=False)
+
+
+def print_max_batch(results: Sequence[dict], budget_bytes: int, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"max batch within {budget_bytes / 2**30:.1f} GiB")
+    for c in ("label", "mode", "n", "max batch", "peak MiB at max", "tok/s at max",
+              "x naive", "x sdpa", "first failure"):
+        table.add_column(c, justify="left" if c in ("label", "mode", "first failure") else "right")
+    for res in results:
+        fit, fail = res.get("fit"), res.get("fail")
+        why = "-" if fail is None else f"b={fail['batch']}: {fail['status']}"
+        if res.get("limit_reached"):
+            why = "limit reached"
+        table.add_row(res["label"], res["mode"], str(res["n"]), str(res["max_batch"]),
+                      _fmt(fit and fit.get("mem_peak_mib"), ".0f"),
+                      _fmt(fit and fit.get("tokens_per_s"), ".0f"),
+                      _fmt(res.get("batch_ratio_vs_naive"), ".1f"),
+                      _fmt(res.get("batch_ratio_vs_sdpa"), ".1f"), why)
+    console.print(table)
+
+
 def cmd_sweep(args) -> int:
     from linformer_train import profiling as prof
 
@@ -278,7 +387,7 @@ def cmd_sweep(args) -> int:
     prof.write_json(out / "results.json", {"kind": "sweep", "machine": meta, "rows": rows})
     prof.write_csv(out / "results.csv", rows)
     plots = [] if args.no_plots else prof.plot_rows(rows, out, args.title)
-    prof.print_table(rows, args.title, console)
+    print_table(rows, args.title, console)
     console.print(f"wrote {out / 'results.json'}, {out / 'results.csv'}"
                   + "".join(f", {p}" for p in plots))
     low = [r for r in rows if low_cpu_share(r)]
@@ -324,7 +433,7 @@ def cmd_max_batch(args) -> int:
     prof.write_json(out / "max_batch.json", {"kind": "max-batch", "machine": meta, "results": results})
     flat = [dict(r["fit"], max_batch=r["max_batch"]) for r in results if r.get("fit")]
     prof.write_csv(out / "max_batch.csv", flat)
-    prof.print_max_batch(results, budget, console)
+    print_max_batch(results, budget, console)
     console.print(f"wrote {out / 'max_batch.json'}, {out / 'max_batch.csv'}")
     return 0
 

@@ -24,7 +24,8 @@ The measuring code behind ``tools/profile.py``, one concern a module:
 * :mod:`.max_batch`: the largest batch under a memory budget.
 * :mod:`.estimate`: memory per GPU by ZeRO stage without a run.
 * :mod:`.steps`: where the time of a real training step goes (forward, backward, optimizer, data).
-* :mod:`.machine` and :mod:`.report`: the machine's description; JSON, CSV, plots and tables.
+* :mod:`.machine` and :mod:`.report`: the machine's description; JSON, CSV and plots (the console
+  tables are tools/profile.py's).
 
 FLOPs come from :mod:`linformer_train.model.flops` and MFU from :mod:`linformer_train.train.mfu`,
 the definition the trainer uses.
@@ -65,8 +66,6 @@ from linformer_train.profiling.ratios import add_batch_ratios, add_ratios
 from linformer_train.profiling.report import (
     CSV_FIELDS,
     plot_rows,
-    print_max_batch,
-    print_table,
     write_csv,
     write_json,
 )
@@ -79,6 +78,6 @@ __all__ = [
     "count_params", "current_rss", "deepspeed_model_state_bytes", "default_budget_bytes", "estimate",
     "estimate_case_bytes", "find_max_batch", "format_k", "machine_info", "measure_case",
     "measure_matmul_peak", "model_section", "model_state_bytes", "parse_k", "peak_rss", "plot_rows",
-    "print_max_batch", "print_table", "reset_peak_rss", "run_case", "run_case_isolated", "run_sweep",
+    "reset_peak_rss", "run_case", "run_case_isolated", "run_sweep",
     "wait_for_idle_cpu", "warm_runtime", "write_csv", "write_json",
 ]
