@@ -277,3 +277,106 @@ def test_compiled_blocks_match_eager():
     apply_compile(compiled)
     ids = torch.randint(5, 97, (2, 64))
     assert (eager(ids) - compiled(ids)).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------- what mutation testing found unguarded
+
+
+@pytest.mark.parametrize("k,n", [(4, 16), (3, 10), (7, 64), (16, 64)])
+def test_slots_reached_counts_the_windows_a_length_reaches(k, n):
+    from linformer_train.model.attention import slots_reached, window_starts
+
+    lengths = torch.arange(1, n + 1)
+    starts = window_starts(k, n)
+    assert slots_reached(lengths, k, n).tolist() == [int((starts < L).sum()) for L in lengths.tolist()]
+
+
+def test_mean_pooling_averages_the_real_tokens_of_each_window():
+    from linformer_train.model.attention import MeanPoolProjection
+
+    x = torch.randn(3, 2, 16, 8)                                 # windows of 4 positions
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    mask[0, :5] = True                                           # window 1 holds one real token
+    mask[1, :16] = True
+    mask[2, :1] = True
+    pooled, slots = MeanPoolProjection(4, 16)(x * mask[:, None, :, None], mask)  # padding zeroed, as attention does
+    assert slots[:, 0, 0].tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+    assert torch.allclose(pooled[0, :, 0], x[0, :, :4].mean(1)) and torch.allclose(pooled[0, :, 1], x[0, :, 4])
+    assert torch.allclose(pooled[2, :, 0], x[2, :, 0])
+    unmasked, none = MeanPoolProjection(4, 16)(x)                # no mask: every window whole, any batch
+    assert none is None and torch.allclose(unmasked, x.view(3, 2, 4, 4, 8).mean(3))
+
+
+def test_conv_projection_has_no_bias_and_a_fan_in_init():
+    torch.manual_seed(0)
+    attn = LinformerSelfAttention(256, 4, 0.0, k=8, max_seq_len=64, projection="conv", sharing="headwise",
+                                  short_input_scaling="none")
+    conv = attn.proj_k.conv
+    assert [name for name, _ in attn.proj_k.named_parameters()] == ["conv.weight"]
+    fan_in = 64 * 8                                              # Dh inputs x a window of n / k = 8
+    assert abs(conv.weight.std().item() * math.sqrt(fan_in) - 1) < 0.05
+
+
+def test_flops_of_a_short_input_count_only_the_windows_it_reaches():
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, **kwargs: sdpa_flop_count(q, k, v)}
+    for projection, scaling in [("mean", None), ("conv", None), ("linear", "window"), ("linear", "sqrt")]:
+        cfg = model_cfg(projection=projection, short_input_scaling=scaling)  # n=64, k=16: windows of 4
+        model = LinformerEncoder(cfg).eval()
+        with FlopCounterMode(display=False, custom_mapping=sdpa) as counter, torch.no_grad():
+            model(torch.randint(5, 97, (1, 21)))                 # 21 tokens reach 6 windows
+        assert counter.get_total_flops() == encoder_flops(cfg, 21), (projection, scaling)
+
+
+@pytest.mark.parametrize("predict_index", [False, True])
+def test_mlm_loss_is_the_summed_cross_entropy_at_the_predicted_positions(predict_index):
+    torch.manual_seed(0)
+    model = LinformerForMLM(model_cfg()).eval()
+    ids = torch.randint(5, 97, (2, 64))
+    labels = torch.full_like(ids, -100)
+    labels[0, [3, 9]] = ids[0, [3, 9]]
+    labels[1, [0, 40, 63]] = torch.tensor([7, 8, 9])
+    with torch.no_grad():
+        logits = model(ids)                                      # (B, L, V)
+        index = (labels.reshape(-1) != -100).nonzero().squeeze(1) if predict_index else None
+        out = model(ids, labels=labels, **({"predict_index": index} if predict_index else {}))
+    sel = labels != -100
+    want = torch.nn.functional.cross_entropy(logits[sel], labels[sel], reduction="sum")
+    assert torch.allclose(out.loss_sum, want, atol=1e-4)
+    assert int(out.num_predicted) == 5
+    assert int(out.num_correct) == int((logits[sel].argmax(-1) == labels[sel]).sum())
+    labels[sel] = logits[sel].argmax(-1)                         # every guess right
+    with torch.no_grad():
+        assert int(model(ids, labels=labels).num_correct) == 5
+
+
+def test_classifier_pools_the_first_token_of_the_masked_encoding():
+    torch.manual_seed(0)
+    cfg = model_cfg(num_labels=3)
+    clf = LinformerForSequenceClassification(cfg).eval()
+    assert clf.cfg is cfg
+    ids = torch.randint(5, 97, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        first = clf.encoder(ids, mask)[:, 0]
+        want = clf.classifier(torch.tanh(clf.pool_dense(first)))
+        assert torch.allclose(clf(ids, mask), want, atol=1e-6)
+        other = ids.clone()
+        other[1, 7:] = 5                                         # padding content does not matter
+        assert torch.allclose(clf(other, mask)[1], want[1], atol=1e-5)
+
+
+def test_activation_checkpointing_recomputes_each_block_in_backward():
+    model = LinformerForMLM(model_cfg(num_layers=1))
+    calls = []
+    model.encoder.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))  # a recompute may stop early
+    ids = torch.randint(5, 97, (2, 64))
+    model(ids, labels=ids).loss_sum.backward()
+    assert len(calls) == 1
+    apply_activation_checkpointing(model)
+    calls.clear()
+    model(ids, labels=ids).loss_sum.backward()
+    assert len(calls) == 2                                       # the forward, and its recompute

@@ -171,7 +171,7 @@ class MeanPoolProjection(nn.Module):
         slots = (L + w - 1) // w                                # ceil, exportable (see above)
         x = F.pad(x, (0, 0, 0, slots * w - L))                  # (B, H, S*w, Dh)
         summed = x.view(B, H, slots, w, Dh).sum(dim=3)          # (B, H, S, Dh)
-        counts, slot_mask = _window_counts(mask, B, L, w, slots, x.device)
+        counts, slot_mask = _window_counts(mask, L, w, slots, x.device)
         return summed / counts.to(x.dtype), slot_mask
 
 
@@ -195,11 +195,11 @@ class ConvProjection(nn.Module):
         x = F.pad(x, (0, 0, 0, slots * w - L))
         y = self.conv(x.reshape(B * H, slots * w, Dh).transpose(1, 2))  # (B*H, Dh, S)
         y = y.transpose(1, 2).reshape(B, H, slots, Dh)
-        _, slot_mask = _window_counts(mask, B, L, w, slots, x.device)
+        _, slot_mask = _window_counts(mask, L, w, slots, x.device)
         return y, slot_mask
 
 
-def _window_counts(mask: Optional[torch.Tensor], B: int, L: int, w: int, slots: int, device):
+def _window_counts(mask: Optional[torch.Tensor], L: int, w: int, slots: int, device):
     """Real tokens per window (B, 1, S, 1) and the SDPA key mask (B, 1, 1, S), True = attend."""
     if mask is None:
         valid = torch.ones(1, L, device=device)
@@ -311,7 +311,7 @@ class LinformerSelfAttention(_SelfAttention):
 
     def forward(self, x, mask: Optional[torch.Tensor] = None, lengths=None,
                 shared: Optional[nn.Module] = None):
-        q, keys, values = self.split_heads(x)                          # (B, H, L, Dh)
+        q, keys, values = self.split_heads(x)                     # (B, H, L, Dh)
         if mask is not None:
             keep = mask[:, None, :, None].to(keys.dtype)          # (B, 1, L, 1)
             keys, values = keys * keep, values * keep             # zero padded rows before E, F

@@ -20,11 +20,15 @@ def encoder_flops(cfg: ModelConfig, seq_len: int) -> int:
             keys = L
             proj = 0
         else:
-            keys = min(k, -(-L * k // cfg.max_seq_len)) if cfg.projection != "linear" else k
+            # a short input reaches fewer of the k windows: pooling makes only those slots, and learned
+            # E, F with window scaling use only those rows; dense rows (other scalings) keep all k
+            windowed = cfg.projection != "linear" or cfg.short_input_scaling == "window"
+            keys = min(k, -(-L * k // cfg.max_seq_len)) if windowed else k
             if cfg.projection == "linear":
-                proj = 2 * (2 * k * L * D)                # E·K and F·V: (k, L) x (L, Dh) per head
+                proj = 2 * (2 * keys * L * D)             # E·K and F·V: (keys, L) x (L, Dh) per head
             elif cfg.projection == "conv":
-                proj = 2 * (2 * L * Dh * D)               # each output sums window x Dh inputs
+                # each output sums window x Dh inputs, over the input padded to whole windows
+                proj = 2 * (2 * keys * (cfg.max_seq_len // k) * Dh * D)
             else:
                 proj = 0                                  # mean pooling: additions only
         attn = 2 * (2 * L * keys * D)                     # Q K'^T and P V'
