@@ -14,7 +14,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -261,6 +261,38 @@ class CheckpointConfig:
 
 
 @dataclass
+class StageModel:
+    max_seq_len: Optional[int] = None
+    k: Any = None
+
+
+@dataclass
+class StageTrain:
+    micro_batch_size: Optional[int] = None
+    grad_accum_steps: Optional[int] = None
+    global_batch_size: Optional[int] = None
+    """With global_batch_size set and grad_accum_steps not named by the stage, the accumulation is
+    derived: global / (micro_batch_size x ranks)."""
+
+
+@dataclass
+class StageOptim:
+    lr: Optional[float] = None
+
+
+@dataclass
+class StageConfig:
+    """One phase of a staged run (``stages:``): the values that change, over the sections above.
+    A stage runs from the step after the previous stage's ``until_step`` to its own (the last one
+    has none: it runs to train.max_steps)."""
+
+    until_step: Optional[int] = None
+    model: StageModel = field(default_factory=StageModel)
+    train: StageTrain = field(default_factory=StageTrain)
+    optim: StageOptim = field(default_factory=StageOptim)
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -272,6 +304,9 @@ class Config:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stages: List[StageConfig] = field(default_factory=list)
+    """Sequence length (and k, batch, lr) as a schedule: train short first, then longer, in one run
+    (see docs/TRAINING.md, "Stages"). Empty: one stage, the sections as they are."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,7 +421,18 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     user = OmegaConf.create({})
     for f in files:
         user = OmegaConf.merge(user, _read_yaml(Path(f)))
-    user = OmegaConf.merge(user, _parse_overrides(overrides))
+    staged = [o for o in overrides if o.startswith("stages.")]
+    user = OmegaConf.merge(user, _parse_overrides([o for o in overrides if o not in staged]))
+    for item in staged:  # stages.<i>.<key>=value: an element of the list, which a dotlist cannot merge
+        key, _, value = item.partition("=")
+        index = key.split(".")[1]
+        count = len(user.get("stages") or [])
+        if not index.isdigit() or int(index) >= count:
+            raise ConfigError(f"override {item!r}: the config has {count} stages (stages.0 to stages.{count - 1})")
+        try:
+            OmegaConf.update(user, key, _parse_overrides([f"v={value}"]).v, merge=True)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override {item!r}: {_one_line(exc)}") from None
     return config_from_dict(OmegaConf.to_container(user, resolve=False))
 
 
@@ -476,12 +522,18 @@ def check_raw_types(schema: type, raw: Any) -> None:
                 raise ConfigError(f"config: {full}={value!r} must be {want}, not {type(value).__name__}")
 
 
+def sections(schema: Any) -> list[dataclasses.Field]:
+    """The sections of a config (class or instance) that are sections (model, data, ...): every
+    top-level field but the ``stages`` list."""
+    return [f for f in dataclasses.fields(schema) if dataclasses.is_dataclass(f.default_factory)]
+
+
 def _section_hints(schema: type) -> dict[str, dict[str, Any]]:
     """{section: {field: bool | list | dict | Any | other}} of a config dataclass (Optional unwrapped)."""
     import typing
 
     out = {}
-    for section in dataclasses.fields(schema):
+    for section in sections(schema):
         cls = section.default_factory  # type: ignore[misc]
         hints = typing.get_type_hints(cls)
         kinds = {}
@@ -498,12 +550,12 @@ def _section_hints(schema: type) -> dict[str, dict[str, Any]]:
 def _normalise(cfg: Config) -> Config:
     """Turn omegaconf containers left inside Any/list/dict fields into plain Python; give an unset
     model.projection_init and short_input_scaling the values that belong together."""
-    for section in dataclasses.fields(cfg):
-        sec = getattr(cfg, section.name)
+    for sec in [getattr(cfg, s.name) for s in sections(cfg)] + [st.model for st in cfg.stages]:
         for f in dataclasses.fields(sec):
             v = getattr(sec, f.name)
             if isinstance(v, (DictConfig, ListConfig)):
                 setattr(sec, f.name, OmegaConf.to_container(v, resolve=True))
+    cfg.stages = list(cfg.stages)
     m = cfg.model
     if m.projection_init is None:
         windows = m.short_input_scaling in (None, "window") and not _nested_layerwise(m)
@@ -732,11 +784,76 @@ def validate(cfg: Config) -> None:
     _check(c.save_every >= 0, f"checkpoint.save_every={c.save_every} must be >= 0")
     _check(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be at least 1")
     _check(bool(c.resume), "checkpoint.resume is empty; use none, auto or a checkpoint directory")
+    if cfg.stages:
+        validate_stages(cfg)
+
+
+def validate_stages(cfg: Config) -> None:
+    """Every stage is a valid plain config, the boundaries rise inside train.max_steps, and the
+    model can be resized from each stage to the next."""
+    bounds = [st.until_step for st in cfg.stages]
+    for i, b in enumerate(bounds[:-1]):
+        _check(b is not None, f"stages[{i}].until_step is unset; every stage but the last names the step it ends at")
+    _check(bounds[-1] is None, f"stages[{len(bounds) - 1}].until_step={bounds[-1]}: the last stage runs to "
+                               f"train.max_steps={cfg.train.max_steps}; remove its until_step (or add a stage after it)")
+    previous = 0
+    for i, b in enumerate(bounds[:-1]):
+        _check(previous < b < cfg.train.max_steps,
+               f"stages[{i}].until_step={b} must lie after the previous stage's end ({previous}) and before "
+               f"train.max_steps={cfg.train.max_steps}")
+        previous = b
+    resolved = []
+    for i in range(len(cfg.stages)):
+        try:
+            one = stage_config(cfg, i)
+            validate(one)
+        except ConfigError as exc:
+            raise ConfigError(f"stages[{i}]: {exc}") from None
+        resolved.append(one.model)
+    for i, (a, b) in enumerate(zip(resolved, resolved[1:])):
+        if a.attention == "linformer" and a.projection == "conv":
+            wa, wb = ([m.max_seq_len // kk for kk in k_schedule(m)] for m in (a, b))
+            wa, wb = (w[0] if len(set(w)) == 1 else w for w in (wa, wb))
+            _check(wa == wb, f"stages[{i + 1}]: projection=conv keeps its kernel (n / k = {wa}) only when n / k "
+                             f"stays the same; stage {i + 1} gives {wb}: scale k with n")
+
+
+def stage_config(cfg: Config, index: int, world_size: Optional[int] = None) -> Config:
+    """The plain config (no stages) of stage ``index``: its values over the sections. Each n gets
+    its own prepared-data folder (``<data.prepared_dir or run_dir/data>/n<N>``) and every stage
+    tokenizes with the first stage's tokenizer. Given ``world_size``, a stage that sets
+    train.global_batch_size without grad_accum_steps gets the accumulation that makes it up."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.stages = []
+    stage = cfg.stages[index]
+    for name in ("model", "train", "optim"):
+        values, target = getattr(stage, name), getattr(out, name)
+        for f in dataclasses.fields(values):
+            if getattr(values, f.name) is not None:
+                setattr(target, f.name, copy.deepcopy(getattr(values, f.name)))
+    base = Path(cfg.data.prepared_dir) if cfg.data.prepared_dir else Path(cfg.train.run_dir) / "data"
+    out.data.prepared_dir = str(base / f"n{out.model.max_seq_len}")
+    if not cfg.data.tokenizer and index > 0:
+        first = stage_config(cfg, 0)
+        out.data.tokenizer = str(Path(first.data.prepared_dir) / "tokenizer")
+    t = out.train
+    if world_size and t.global_batch_size and stage.train.grad_accum_steps is None:
+        per_step = t.micro_batch_size * world_size
+        if t.global_batch_size % per_step == 0:
+            t.grad_accum_steps = max(1, t.global_batch_size // per_step)
+    return out
+
+
+def stage_index(cfg: Config, step: int) -> int:
+    """The stage that trains the step after ``step`` (a checkpoint at a boundary holds the next stage)."""
+    return sum(1 for st in cfg.stages[:-1] if st.until_step <= step)
 
 
 def check_finite(cfg) -> None:
     """inf and nan pass every < and > of a validate(): refuse them first, in any section."""
-    for section in dataclasses.fields(cfg):
+    for section in sections(cfg):
         for f in dataclasses.fields(getattr(cfg, section.name)):
             v = getattr(getattr(cfg, section.name), f.name)
             if isinstance(v, float):

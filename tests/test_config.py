@@ -26,7 +26,7 @@ def test_every_config_loads(path):
 def test_configs_cover_the_documented_set():
     names = {p.name for p in CONFIGS}
     assert {"tiny.yaml", "base-512.yaml", "base-4096.yaml", "base-8192-layerwise.yaml",
-            "base-512-full.yaml", "base-8192-zero3-offload.yaml"} <= names
+            "base-512-full.yaml", "base-8192-zero3-offload.yaml", "base-512-to-8192.yaml"} <= names
 
 
 def test_base_chain_and_overrides(tmp_path):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterable, Optional
 import numpy as np
 import torch
 
-from linformer_train.config import Config, k_schedule
+from linformer_train.config import Config, k_schedule, stage_config
 from linformer_train.train.mfu import Peak
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,6 +89,42 @@ def plan_line(cfg: Config, start_step: int, world: int, checkpoints: str) -> str
     saves = f"checkpoint every {c.save_every} -> {checkpoints}" if c.save_every else f"checkpoint at the end -> {checkpoints}"
     return (f"training: steps {start_step + 1}-{t.max_steps} ({fmt_count(tokens)} tokens), lr {o.lr:g} "
             f"({o.warmup_steps} warmup steps, then {o.decay}); {evals}; {saves}")
+
+
+def _stage_shape(cfg: Config) -> str:
+    m, t = cfg.model, cfg.train
+    ks = k_schedule(m) if m.attention == "linformer" else []
+    k = "" if not ks else f", k={ks[0]}" if len(set(ks)) == 1 else f", k={ks}"
+    return f"n={m.max_seq_len}{k}, micro-batch {t.micro_batch_size} x {t.grad_accum_steps}, lr {cfg.optim.lr:g}"
+
+
+def stage_note(run_cfg: Config, index: int) -> str:
+    """`` | stage i/N (...)`` for a staged run, else nothing."""
+    if not run_cfg.stages:
+        return ""
+    return f" | stage {index + 1}/{len(run_cfg.stages)} ({_stage_shape(stage_config(run_cfg, index))})"
+
+
+def stages_line(run_cfg: Config) -> Optional[str]:
+    """One line with every stage's steps and shape, for a staged run."""
+    if not run_cfg.stages:
+        return None
+    parts, first = [], 1
+    for i, st in enumerate(run_cfg.stages):
+        last = st.until_step or run_cfg.train.max_steps
+        parts.append(f"{i + 1}) steps {first}-{last}: {_stage_shape(stage_config(run_cfg, i))}")
+        first = last + 1
+    return "stages: " + "; ".join(parts)
+
+
+def stage_change(old: Config, new: Config) -> str:
+    """What a boundary changes, e.g. ``n 512 -> 4096, k 128 -> 256, micro-batch 32 -> 4``."""
+    pairs = [("n", old.model.max_seq_len, new.model.max_seq_len), ("k", old.model.k, new.model.k),
+             ("micro-batch", old.train.micro_batch_size, new.train.micro_batch_size),
+             ("accumulation", old.train.grad_accum_steps, new.train.grad_accum_steps),
+             ("lr", f"{old.optim.lr:g}", f"{new.optim.lr:g}")]
+    changes = [f"{name} {a} -> {b}" for name, a, b in pairs if a != b]
+    return ", ".join(changes) or "no change"
 
 
 # ------------------------------------------------------------------------------------ baseline

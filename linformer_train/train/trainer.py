@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from linformer_train.config import Config, ConfigError, save_config, to_dict, config_from_dict
+from linformer_train.config import (Config, ConfigError, config_from_dict, save_config, stage_config,
+                                    stage_index, to_dict)
 from linformer_train.model import (
     LinformerForMLM,
     apply_activation_checkpointing,
@@ -168,10 +169,7 @@ class Trainer:
             raise
 
     def _build(self, cfg: Config, on_checkpoint_stage: Optional[Callable[[str], None]]) -> None:
-        import deepspeed
         from deepspeed.accelerator import get_accelerator
-
-        from linformer_train.data.pipeline import build_training_data
 
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -180,62 +178,51 @@ class Trainer:
         # every rank uses (and the one written to the run dir)
         refusal = None
         if self.is_main:
-            refusal = self._memory_refusal(cfg)
+            for one in [stage_config(cfg, i) for i in range(len(cfg.stages))] or [cfg]:
+                refusal = refusal or self._memory_refusal(one)
             refusal = ("config", refusal) if refusal else self._claim_run_dir(cfg)
         box = [to_dict(cfg), refusal]
         dist.broadcast_object_list(box, src=0)
         if box[1] is not None:
             kind, message = box[1]
             raise ConfigError(message) if kind == "config" else RunDirError(message)
-        self.cfg = cfg = config_from_dict(box[0])
+        self.cfg = self.run_cfg = cfg = config_from_dict(box[0])  # cfg: the current stage's, below
         self.run_dir = Path(cfg.train.run_dir)
         accel = get_accelerator()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
 
-        ds_config = build_ds_config(cfg, self.world_size)  # batch arithmetic errors before any work
+        for i in range(len(cfg.stages)):  # every stage's batch arithmetic, before any work
+            try:
+                build_ds_config(self._stage_cfg(i), self.world_size)
+            except ConfigError as exc:
+                raise ConfigError(f"stages[{i}]: {exc}") from None
+        build_ds_config(cfg, self.world_size)  # batch arithmetic errors before any work
         supported = {"fp16": accel.is_fp16_supported, "bf16": accel.is_bf16_supported}
         if cfg.precision.dtype in supported and not supported[cfg.precision.dtype]():
             raise ConfigError(f"precision.dtype={cfg.precision.dtype} is not supported on this device "
                               f"({accel.device_name()}); use bf16 or fp32")
         self.resume_path = self._check_resume_target()
+        self.stage = stage_index(cfg, self._checkpoint_step(self.resume_path)) if cfg.stages else 0
+        self.cfg = cfg = self._stage_cfg(self.stage)
         self._say(f"run: {self.run_dir} | " + (f"resuming from {self.resume_path}" if self.resume_path
-                                              else "fresh start"))
+                                              else "fresh start") + report.stage_note(self.run_cfg, self.stage))
         if self.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(self.run_cfg, self.run_dir / "config.yaml")
         _set_seed(cfg.train.seed)
 
         report.console_logging(self.is_main)  # data preparation's phases, rank 0 only
-        t0 = time.perf_counter()
-        self.data = build_training_data(cfg.data, cfg.model, cfg.train, self.run_dir,
-                                        rank=self.rank, world_size=self.world_size)
-        p, tok = self.data.prepared, self.data.tokenizer
-        self._say(f"data: {len(p.train):,} train / {len(p.validation):,} validation blocks of n={p.train.seq_len} "
-                  f"in {p.root} | tokenizer {tok.path} ({tok.vocab_size:,} pieces) | "
-                  f"{report.fmt_seconds(time.perf_counter() - t0)}")
-
-        model = LinformerForMLM(cfg.model)
-        if cfg.train.init_from and self.resume_path is None:
-            self._init_from(model, Path(cfg.train.init_from))
-        if cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        if cfg.train.compile:
-            apply_compile(model)
-        self.n_params = sum(p.numel() for p in model.parameters())
-        self._say(report.model_line(cfg, self.n_params))
-        optimizer = self._build_optimizer(model)
-        with quiet_deepspeed(cfg.logging.verbose):
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
+        self._build_stage(None)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                              self.rank, on_checkpoint_stage)
 
         self.step = 0
         self.consumed_samples = 0
+        self.consumed_tokens = 0
+        self.stage_start_samples = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._stop_requested = False
-        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * self.world_size
         dtype = "fp32" if self.device.type == "cpu" and cfg.precision.dtype == "fp16" else cfg.precision.dtype
         self.peak = device_peak(self.device, dtype, cfg.train.peak_tflops)  # stated, datasheet or measured
         self._say(report.engine_line(cfg, self.world_size, self.device, self.peak))
@@ -247,6 +234,47 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, cfg.logging.log_every, cfg.logging.tensorboard,
                                      self.is_main, cfg.train.max_steps,
                                      purge_step=self.step + 1 if self.step else None)
+
+    def _stage_cfg(self, index: int) -> Config:
+        """The plain config of a stage (the run's own when it has no stages)."""
+        return stage_config(self.run_cfg, index, self.world_size) if self.run_cfg.stages else self.run_cfg
+
+    def _checkpoint_step(self, path: Optional[Path]) -> int:
+        return int(read_client_state(path).get("step", 0)) if path is not None else 0
+
+    def _build_stage(self, state: Optional[dict]) -> None:
+        """Data, model, optimizer and engine for ``self.cfg``: from ``state`` (a full fp32 state
+        dict, at a stage boundary), else from train.init_from or a fresh init."""
+        import deepspeed
+
+        from linformer_train.data.pipeline import build_training_data
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.data = build_training_data(cfg.data, cfg.model, cfg.train, self.run_dir,
+                                        rank=self.rank, world_size=self.world_size)
+        p, tok = self.data.prepared, self.data.tokenizer
+        self._say(f"data: {len(p.train):,} train / {len(p.validation):,} validation blocks of n={p.train.seq_len} "
+                  f"in {p.root} | tokenizer {tok.path} ({tok.vocab_size:,} pieces) | "
+                  f"{report.fmt_seconds(time.perf_counter() - t0)}")
+
+        model = LinformerForMLM(cfg.model)
+        if state is not None:
+            model.load_state_dict(state, strict=True)
+        elif cfg.train.init_from and self.resume_path is None:
+            self._init_from(model, Path(cfg.train.init_from))
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if compile_enabled(cfg.train.compile, self.device):
+            apply_compile(model)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self._say(report.model_line(cfg, self.n_params))
+        optimizer = self._build_optimizer(model)
+        with quiet_deepspeed(cfg.logging.verbose):
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=build_ds_config(cfg, self.world_size),
+                dist_init_required=False)
+        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * self.world_size
 
     def _memory_refusal(self, cfg: Config) -> Optional[str]:
         """Rank 0: a config whose memory floor exceeds this machine, refused before any work (an
@@ -369,7 +397,10 @@ class Trainer:
                 else:
                     verify_contents(path, self.rank)
                     # before DeepSpeed loads it: another model's tensors would fail there with a trace
-                    self._check_compatible(read_client_state(path).get("config"), path)
+                    client = read_client_state(path)
+                    self._check_compatible(client.get("config"), path,
+                                           self._stage_cfg(stage_index(self.run_cfg, client.get("step", 0))
+                                                           if self.run_cfg.stages else 0))
                     check_world_size(path, self.world_size)
             except (CheckpointError, ConfigError, UnsafeFileError) as exc:
                 mine = (type(exc).__name__, str(exc))
@@ -396,6 +427,147 @@ class Trainer:
                 print(note, flush=True)
         return path
 
+    # ----------------------------------------------------------------------------------- stages
+
+    def _at_stage_boundary(self) -> bool:
+        stages = self.run_cfg.stages
+        return self.stage + 1 < len(stages) and self.step == stages[self.stage].until_step
+
+    def _next_stage(self) -> None:
+        """Enter the next stage at a boundary, every rank together: the model is resized in memory to
+        the stage's n and k with the maths of ``tools/convert.py resize`` (positions interpolated, E/F
+        resampled) from the full fp32 weights; data is prepared or reused at the new n; a new engine
+        takes the weights, and the optimizer state of every parameter resize left unchanged (moments
+        and step count). A resized parameter's first moment restarts at zero and its second moment at
+        the mean of its old one (a step of about lr per element from the first update, as before)."""
+        from linformer_train.convert.resize import resize_model
+
+        t0 = time.perf_counter()
+        old_cfg, new_cfg = self.cfg, self._stage_cfg(self.stage + 1)
+        weights, moments, adam_step = self._full_fp32_state()
+        with torch.random.fork_rng(devices=[]):  # the run's random stream stays as it was
+            old = LinformerForMLM(old_cfg.model)
+            old.load_state_dict(weights, strict=True)
+            new_model = old
+            m_old, m_new = old_cfg.model, new_cfg.model
+            if (m_old.max_seq_len, m_old.k) != (m_new.max_seq_len, m_new.k):
+                new_model = resize_model(old, m_new.max_seq_len, m_new.k, seed=new_cfg.train.seed + self.step)
+        state = {key: t.detach().float() for key, t in new_model.state_dict().items()}
+        changed = {key for key, t in state.items()
+                   if t.shape != weights[key].shape or not torch.equal(t, weights[key])}
+        del old, new_model
+        self.data.close()
+        self._release_engine()
+        self.stage += 1
+        self.cfg = new_cfg
+        self.stage_start_samples = self.consumed_samples
+        self._say(f"stage {self.stage + 1}/{len(self.run_cfg.stages)} from step {self.step + 1}: "
+                  f"{report.stage_change(old_cfg, new_cfg)}")
+        self._build_stage(state)
+        self._carry_optimizer_state(state, moments, adam_step, changed)
+        self._say(f"stage {self.stage + 1}: ready in {report.fmt_seconds(time.perf_counter() - t0)} "
+                  f"({len(changed)} resized tensors: {', '.join(sorted(changed)[:4])}"
+                  f"{', ...' if len(changed) > 4 else ''})")
+
+    def _release_engine(self) -> None:
+        destroy = getattr(self.engine, "destroy", None)
+        if destroy is not None:
+            destroy()
+        self.engine = self.optimizer = None
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _zero0_masters(self) -> dict:
+        """{module parameter: its fp32 master} where DeepSpeed keeps one outside ZeRO (bf16/fp16 at
+        stage 0: FP16_UnfusedOptimizer's fp32 groups); empty otherwise."""
+        opt = self.optimizer
+        low, high = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+        if not low or not high:
+            return {}
+        return {p: m for g16, g32 in zip(low, high) for p, m in zip(g16, g32)}
+
+    @staticmethod
+    def _zero_managed(p: torch.nn.Parameter) -> bool:
+        return hasattr(p, "_z3_optimizer") or getattr(p, "_hp_mapping", None) is not None
+
+    def _full_fp32_state(self) -> tuple[dict, dict, float]:
+        """Every parameter's full fp32 weight and AdamW moments, on the CPU, whatever the ZeRO stage
+        (DeepSpeed's safe_get_full_* gather the partitions; all ranks call them in the same order)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        masters = self._zero0_masters()
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if hasattr(self.optimizer, "_hp_optimizer_states_linked"):
+            # ZeRO-1/2 map each parameter to its share of AdamW's flat state once, after the first
+            # param group's first step, when the other groups' state does not exist yet (their
+            # parameters then read as having no moments): map them again now that all exist
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+        weights, moments = {}, {}
+        for name, p in self.engine.module.named_parameters():
+            if self._zero_managed(p):
+                w = safe_get_full_fp32_param(p)
+                m, v = (safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq"))
+            else:
+                master = masters.get(p, p)
+                w = master.detach()
+                st = inner.state.get(master, {})
+                m, v = st.get("exp_avg"), st.get("exp_avg_sq")
+            weights[name] = w.float().cpu().clone()
+            if m is not None and v is not None:
+                moments[name] = (m.float().cpu().clone(), v.float().cpu().clone())
+        steps = [float(st["step"]) for st in inner.state.values() if isinstance(st, dict) and "step" in st]
+        return weights, moments, max(steps, default=0.0)
+
+    def _carry_optimizer_state(self, weights: dict, moments: dict, adam_step: float, changed: set) -> None:
+        """Write the fp32 masters and the moments into the new engine's optimizer (see _next_stage)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        masters = self._zero0_masters()
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        self._materialise_flat_states(inner, adam_step)
+        for name, p in self.engine.module.named_parameters():
+            if name not in moments:
+                continue  # never stepped: the new optimizer starts it as AdamW would
+            m, v = moments[name]
+            if name in changed:
+                shape = weights[name].shape
+                m, v = torch.zeros(shape), torch.full(shape, float(v.mean()))
+            if self._zero_managed(p):
+                safe_set_full_fp32_param(p, weights[name].to(self.device))
+                safe_set_full_optimizer_state(p, m.to(self.device), "exp_avg")
+                safe_set_full_optimizer_state(p, v.to(self.device), "exp_avg_sq")
+                continue
+            master = masters.get(p, p)
+            if master is not p:
+                master.data.copy_(weights[name].to(master.device))
+            inner.state[master] = {"step": _step_value(inner, adam_step, master.device),
+                                   "exp_avg": m.to(master.device), "exp_avg_sq": v.to(master.device)}
+        for st in inner.state.values():  # ZeRO's flat groups keep one step count each
+            if isinstance(st, dict) and "step" in st:
+                st["step"] = (torch.full_like(st["step"], adam_step) if torch.is_tensor(st["step"])
+                              else type(st["step"])(adam_step))
+
+    def _materialise_flat_states(self, inner, adam_step: float) -> None:
+        """ZeRO-1/2/3 create AdamW's state for their flat fp32 partitions at the first step (and
+        ZeRO-1/2 only then map each parameter's fragment of it): create it now (zeros), so the carried
+        values can be written through DeepSpeed's safe_set_full_optimizer_state."""
+        opt = self.optimizer
+        flats = (getattr(opt, "single_partition_of_fp32_groups", None)     # ZeRO-1/2
+                 or getattr(opt, "fp32_partitioned_groups_flat", None))     # ZeRO-3
+        if not flats:
+            return
+        for flat in flats:
+            if not inner.state.get(flat):
+                inner.state[flat] = {"step": _step_value(inner, adam_step, flat.device),
+                                     "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        link = getattr(opt, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:
+            link()
+
     # ----------------------------------------------------------------------------------- resume
 
     def _resume(self) -> None:
@@ -414,6 +586,8 @@ class Trainer:
         self.step = client["step"]
         self.consumed_samples = client["consumed_samples"]
         self.skipped_steps = client.get("skipped_steps", 0)
+        self.consumed_tokens = client.get("consumed_tokens", self.consumed_samples * self.cfg.model.max_seq_len)
+        self.stage_start_samples = client.get("stage_start_samples", 0)
         rank_file = path / f"rank_state_{self.rank:05d}.pt"
         if client.get("world_size") == self.world_size and rank_file.is_file():
             with _unreadable_as_checkpoint_error(path):
@@ -422,17 +596,17 @@ class Trainer:
             self.data.train_loader.load_state_dict(state["loader"])
         else:
             # another rank count (universal checkpoint): carry on from the global sample position
-            self.data.train_loader.load_state_dict(
-                self.data.train_loader.state_for_consumed(self.consumed_samples))
+            self.data.train_loader.load_state_dict(  # within this stage's data
+                self.data.train_loader.state_for_consumed(self.consumed_samples - self.stage_start_samples))
             _set_seed(self.cfg.train.seed + self.step)
         if self.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
-    def _check_compatible(self, saved: Optional[dict], path: Path) -> None:
+    def _check_compatible(self, saved: Optional[dict], path: Path, expected: Optional[Config] = None) -> None:
         if not saved:
             return
         old = config_from_dict({"model": saved["model"]}).model
-        new = self.cfg.model
+        new = (expected or self.cfg).model
         for key in ("max_seq_len", "hidden_size", "num_layers", "num_heads", "vocab_size", "k",
                     "sharing", "projection", "attention"):
             if getattr(old, key) != getattr(new, key):
@@ -472,21 +646,27 @@ class Trainer:
         saved_at = self.step
         window = _Window()
         t_start = time.perf_counter()
-        start_step = self.step
+        start_step, start_tokens = self.step, self.consumed_tokens
         last = cfg.train.stop_after or cfg.train.max_steps
         last_train = last_eval = None
         self._say(report.plan_line(cfg, start_step, self.world_size, str(self.checkpoints.root)))
+        if self.run_cfg.stages:
+            self._say(report.stages_line(self.run_cfg))
         while self.step < last:
             with record_function("train.step"):  # the phases: profiling/steps.py reads them back
                 stats = self.train_step(window)
-            # a stopping step was trained too: log it, or the history has a hole where it resumes
-            if self.metrics.should_log(self.step) or stats["stop"]:
+            boundary = self._at_stage_boundary()
+            # a stopping step was trained too: log it, or the history has a hole where it resumes;
+            # a stage's last step too (the next window counts another n)
+            if self.metrics.should_log(self.step) or stats["stop"] or boundary:
                 elapsed = time.perf_counter() - t_start
                 rate = (self.step - start_step) / elapsed if elapsed > 0 else float("nan")
                 last_train = window.summary(self, eta=(cfg.train.max_steps - self.step) / rate)
                 self.metrics.log(last_train, self.step)
                 window = _Window()
             if stats["stop"]:
+                if boundary:  # a checkpoint at a boundary holds the next stage's model
+                    self._next_stage()
                 if self.is_main:
                     print(f"stop requested: saving a checkpoint at step {self.step}", flush=True)
                 break
@@ -495,16 +675,20 @@ class Trainer:
                 with window.paused():
                     last_eval = (self.step, self.evaluate())
                     self.metrics.log(last_eval[1], self.step, prefix="eval")
-            if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+            if boundary:
+                self._next_stage()
+                window = _Window()
+            if boundary or (cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0):
                 with window.paused():
                     self.save()
                 saved_at = self.step
         seconds = time.perf_counter() - t_start
         if saved_at != self.step:
             self.save()
-        self._summarise(start_step, seconds, last_train, last_eval, preempted=self._stop_requested)
+        self._summarise(start_step, self.consumed_tokens - start_tokens, seconds, last_train, last_eval,
+                        preempted=self._stop_requested)
 
-    def _summarise(self, start_step: int, seconds: float, last_train: Optional[dict],
+    def _summarise(self, start_step: int, tokens: int, seconds: float, last_train: Optional[dict],
                    last_eval: Optional[tuple[int, dict]], preempted: bool) -> None:
         """The end-of-run lines: what was trained, where it went, how it compares with a baseline
         (an evaluation at the last step when the schedule did not end on one), and the fill-mask
@@ -524,7 +708,7 @@ class Trainer:
         latest = self.checkpoints.complete_checkpoints()
         lines = report.summary_lines(
             cfg=cfg, steps=self.step, start_step=start_step,
-            tokens=(self.step - start_step) * self.global_batch * cfg.model.max_seq_len, seconds=seconds,
+            tokens=tokens, seconds=seconds,
             stopped_early=self.step < cfg.train.max_steps, train=last_train, evaluation=evaluation,
             unigram_ppl=unigram, checkpoint=str(latest[-1]) if latest else None, run_dir=str(self.run_dir))
         for line in lines + demo:
@@ -593,6 +777,7 @@ class Trainer:
         stop, nonfinite, grads_nonfinite = (v > 0 for v in flags.tolist())
         self.step += 1
         self.consumed_samples += self.global_batch
+        self.consumed_tokens += self.global_batch * cfg.model.max_seq_len
         applied = engine.was_step_applied() and not nonfinite and not grads_nonfinite
         self._account_skip(applied, nonfinite)
         window.add(loss_sum, correct, count, lr, applied, predicted=local)
@@ -645,7 +830,9 @@ class Trainer:
         client = {
             "step": self.step,
             "consumed_samples": self.consumed_samples,
-            "consumed_tokens": self.consumed_samples * self.cfg.model.max_seq_len,
+            "consumed_tokens": self.consumed_tokens,
+            "stage": self.stage,
+            "stage_start_samples": self.stage_start_samples,
             "skipped_steps": self.skipped_steps,
             "world_size": self.world_size,
             "config": to_dict(self.cfg),
@@ -655,6 +842,16 @@ class Trainer:
         if self.is_main:
             print(f"saved checkpoint {path}", flush=True)
         return path
+
+
+def _step_value(optimizer, step: float, device: torch.device):
+    """AdamW's step count as ``optimizer`` keeps it: a float32 tensor on the parameter's device for
+    torch's fused kernel, an int for DeepSpeed's CPU Adam."""
+    if isinstance(optimizer, torch.optim.Optimizer) and optimizer.defaults.get("fused"):
+        return torch.tensor(step, dtype=torch.float32, device=device)
+    if isinstance(optimizer, torch.optim.Optimizer) and not type(optimizer).__module__.startswith("deepspeed"):
+        return torch.tensor(step, dtype=torch.float32)
+    return int(step)
 
 
 @contextmanager
