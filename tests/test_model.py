@@ -284,11 +284,11 @@ def test_compiled_blocks_match_eager():
 
 @pytest.mark.parametrize("k,n", [(4, 16), (3, 10), (7, 64), (16, 64)])
 def test_slots_reached_counts_the_windows_a_length_reaches(k, n):
-    from linformer_train.model.attention import slots_reached, window_starts
+    from linformer_train.model.attention import slots_reached
 
+    starts = [s * n // k for s in range(k)]                      # window s begins at floor(s n / k)
     lengths = torch.arange(1, n + 1)
-    starts = window_starts(k, n)
-    assert slots_reached(lengths, k, n).tolist() == [int((starts < L).sum()) for L in lengths.tolist()]
+    assert slots_reached(lengths, k, n).tolist() == [sum(st < L for st in starts) for L in range(1, n + 1)]
 
 
 def test_mean_pooling_averages_the_real_tokens_of_each_window():
@@ -380,3 +380,20 @@ def test_activation_checkpointing_recomputes_each_block_in_backward():
     calls.clear()
     model(ids, labels=ids).loss_sum.backward()
     assert len(calls) == 2                                       # the forward, and its recompute
+
+
+@pytest.mark.parametrize("k,n", [(3, 10), (160, 512), (16, 64)])
+def test_window_init_rows_are_the_windows_slots_reached_counts(k, n):
+    """Row s averages [floor(s n/k), floor((s+1) n/k)); so every slot a short input reaches holds
+    one of its tokens and no other slot does, also when k does not divide n."""
+    from linformer_train.model.attention import LinearProjection, slots_reached
+
+    weight = LinearProjection(k, n).weight.detach()
+    for s in range(k):
+        start, end = s * n // k, (s + 1) * n // k
+        assert weight[s].nonzero().squeeze(1).tolist() == list(range(start, end))
+        assert torch.allclose(weight[s, start:end], torch.full((end - start,), 1.0 / (end - start)))
+    for L in range(1, n + 1):
+        reached = int(slots_reached(torch.tensor(L), k, n))
+        holds_a_token = (weight[:, :L] != 0).any(1)
+        assert holds_a_token[:reached].all() and not holds_a_token[reached:].any(), L

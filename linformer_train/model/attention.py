@@ -56,11 +56,6 @@ def check_length(length: int, max_seq_len: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def window_starts(k: int, n: int) -> torch.Tensor:
-    """First position of each of k windows that split n positions as evenly as integers allow."""
-    return (torch.arange(k) * n) // k                           # (k,)
-
-
 def slots_reached(lengths: torch.Tensor, k: int, n: int) -> torch.Tensor:
     """How many of k windows over n positions an input of ``lengths`` tokens reaches: window s
     starts at floor(s n / k), which is < L exactly when s < L k / n."""
@@ -95,7 +90,10 @@ class LinearProjection(nn.Module):
         if self.init == "normal":
             return
         k, n = self.weight.shape[-2:]
-        slot = torch.div(torch.arange(n) * k, n, rounding_mode="floor")  # (n,) window of each position
+        # position p lies in window s when floor(s n/k) <= p < floor((s+1) n/k), the windows
+        # slots_reached counts: s = ceil((p+1) k/n) - 1 (floor(p k/n) starts them at ceil(s n/k)
+        # instead, which differs when k does not divide n)
+        slot = torch.div((torch.arange(n) + 1) * k - 1, n, rounding_mode="floor")  # (n,)
         rows = (slot[None, :] == torch.arange(k)[:, None]).float()        # (k, n) one-hot windows
         windows = (rows / rows.sum(-1, keepdim=True)).expand_as(self.weight)
         with torch.no_grad():
