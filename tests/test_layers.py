@@ -29,9 +29,10 @@ UNITS: list[tuple[int, str, list[str]]] = [
     (2, "cli", ["cli"]),                  # the one-line error contract every entry point shares
     (2, "model", ["model"]),
     (2, "data", ["data"]),
-    # model directories: what the trainer loads for train.init_from (the convert package's own
-    # module holds only ConversionError); transformers' classes wrap the model
-    (3, "model directories", ["=convert", "convert.model_dir"]),
+    # model directories and resizing them: what the trainer loads for train.init_from and resizes
+    # between stages (the convert package's own module holds only ConversionError);
+    # transformers' classes wrap the model
+    (3, "model directories", ["=convert", "convert.model_dir", "convert.resize"]),
     (3, "hf", ["hf"]),
     (4, "train", ["train"]),
     (5, "convert", ["convert"]),          # DeepSpeed export, resize, warm start, to-hf, ONNX
