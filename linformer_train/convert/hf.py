@@ -333,8 +333,9 @@ def linformer_note(out_dir) -> str:
     """What a warm start into Linformer attention leaves to do (printed by the CLI at the start)."""
     return (f"note: attention=linformer: the source model has no E/F projections, so they start untrained "
             f"(mean pooling over windows) and {out_dir} does not yet compute what the source computed; "
-            f"continue pretraining it (train.init_from={out_dir}) before fine-tuning: docs/QUALITY.md "
-            f"(warm start) measured how much that takes")
+            f"continue pretraining it (train.init_from={out_dir}) before fine-tuning, for well over 200 "
+            f"steps: docs/QUALITY.md (warm start) measured a 6 x 384 BERT on SST-2 at 81.1% with full "
+            f"attention, 75.5% as a Linformer, and still 75.8% after 200 MLM steps (205k tokens)")
 
 
 def own_tokenizer(hf_dir: Path):
