@@ -124,8 +124,6 @@ LENGTH_MODELS = ("full-n512", "lin-k64-headwise-n512", "lin-k64-headwise-n512-mi
 
 
 def cmd_lengths() -> None:
-    import numpy as np
-
     from linformer_train.convert import from_pretrained
     from linformer_train.data.tokenizer import BOS_ID
 
@@ -159,6 +157,10 @@ def _final(r: dict) -> float:
     return r["points"][-1]["test_loss"]
 
 
+def _times(r: dict | None) -> str:
+    return f"{r['wall_s']:.0f} / {r['cpu_s']:.0f}" if r else ""
+
+
 def cmd_report() -> None:
     import math
 
@@ -190,13 +192,18 @@ def cmd_report() -> None:
             means[name] = (a + b) / 2
             rel = f"{math.exp(means[name] - means['full-n512']) - 1:+.1%}" if "full-n512" in means else ""
             print(f"| {name} | {a:.3f} | {b:.3f} | {means[name]:.3f} | {rel} |")
-    print("\n| n | full test ppl | Linformer k=64 test ppl | Linformer / full | full wall s | Linformer wall s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| n | sequences x n a step | full test ppl | Linformer k=64 test ppl | Linformer / full | "
+          "full wall s / CPU s | Linformer wall s / CPU s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for n in (256, 512, 1024):
         f, lin = recs.get(f"full-n{n}"), recs.get(f"lin-k64-headwise-n{n}")
-        if f and lin:
-            a, b = math.exp(_final(f)), math.exp(_final(lin))
-            print(f"| {n} | {a:.1f} | {b:.1f} | {b / a - 1:+.1%} | {f['wall_s']:.0f} | {lin['wall_s']:.0f} |")
+        if not (f or lin):
+            continue
+        a = math.exp(_final(f)) if f else None
+        b = math.exp(_final(lin)) if lin else None
+        print(f"| {n} | {TOKENS_PER_STEP // n} x {n} | {f'{a:.1f}' if f else 'not run'} | "
+              f"{f'{b:.1f}' if lin else 'not run'} | {f'{b / a - 1:+.1%}' if f and lin else ''} | "
+              f"{_times(f)} | {_times(lin)} |")
     lengths = read_jsonl(OUT / "mlm" / "lengths.jsonl")
     if lengths:
         cols = list(lengths[0]["loss_by_length"])
@@ -233,11 +240,12 @@ def cmd_report() -> None:
     print(f"\nwrote {out}")
 
     pairs = [(n, recs.get(f"full-n{n}"), recs.get(f"lin-k64-headwise-n{n}")) for n in (256, 512, 1024)]
-    pairs = [(n, f, lin) for n, f, lin in pairs if f and lin]
-    if len(pairs) > 1:  # the paper's check: at a fixed k, does quality follow n?
+    if sum(bool(lin) for _, _, lin in pairs) > 1:  # the paper's check: at a fixed k, does quality follow n?
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for (n, f, lin), color in zip(pairs, ("tab:blue", "tab:orange", "tab:green")):
             for r, style, label in ((f, "-", f"full, n={n}"), (lin, "--", f"Linformer k=64, n={n}")):
+                if not r:
+                    continue
                 ax.plot([p["tokens"] / 1e6 for p in r["points"]], [math.exp(p["test_loss"]) for p in r["points"]],
                         style, color=color, marker="o", ms=3, label=label)
         ax.set_xlabel("training tokens (millions)")
