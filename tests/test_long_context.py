@@ -15,6 +15,7 @@ from linformer_train.config import k_schedule, load_config
 from linformer_train.data.loader import MLMLoader
 from linformer_train.data.masking import IGNORE_INDEX, MLMMasker
 from linformer_train.data.prepare import BlockSet, Packer
+from linformer_train.data.tokenizer import BOS_ID, EOS_ID, SPECIAL_IDS
 from linformer_train.model.attention import LinearProjection
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +77,8 @@ def test_uint16_blocks_at_65536_reach_the_model_exactly(tmp_path):
     rng = np.random.default_rng(0)
     docs = [rng.integers(5, 1 << 16, size=int(s)).astype(np.uint16) for s in rng.integers(20_000, 90_000, 8)]
     docs[0][:3] = 65535
-    packer = Packer(tmp_path, N, np.dtype(np.uint16), 0.2, allow_uneven_split=True)
+    packer = Packer(tmp_path, N, np.dtype(np.uint16), 0.2, bos_id=BOS_ID, eos_id=EOS_ID,
+                    allow_uneven_split=True)
     packer.add(np.concatenate(docs), np.array([len(d) for d in docs], dtype=np.int64))
     counts = packer.finish(tmp_path, "test corpus")
     blocks = counts["splits"]["train"]["blocks"]
@@ -84,7 +86,7 @@ def test_uint16_blocks_at_65536_reach_the_model_exactly(tmp_path):
     train = BlockSet(tmp_path / "train.bin", N, "uint16", blocks)
     raw = np.fromfile(tmp_path / "train.bin", dtype=np.uint16).reshape(blocks, N)
     assert raw.max() == 65535
-    masker = MLMMasker(vocab_size=1 << 16, special_ids=[0, 1, 2, 3], seed=0)
+    masker = MLMMasker(vocab_size=1 << 16, special_ids=SPECIAL_IDS, seed=0)
     loader = MLMLoader(train, masker, micro_batch_size=2, shuffle=False, prefetch=0)
     batch = next(loader)
     ids, labels = batch["input_ids"], batch["labels"]
