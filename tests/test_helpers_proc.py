@@ -205,11 +205,12 @@ def test_deepspeed_shared_memory_left_by_a_finished_job_is_removed():
             p.write_bytes(b"\0" * 4096)
         for kind, t in [("mapped", quiet), ("ended", quiet), ("old", since - 3600)]:
             os.utime(names[kind], (t, t))
+        planted = set(names.values())  # other jobs on a shared machine leave segments too: judge ours
         with open(names["mapped"], "r+b") as f, mmap.mmap(f.fileno(), 4096):
             removed = shm.remove_leftovers([port + 4], since=since)
-            assert sorted(removed) == sorted([names["ended"], names["ours"]])
+            assert sorted(p for p in removed if p in planted) == sorted([names["ended"], names["ours"]])
             assert all(names[k].exists() for k in ("mapped", "fresh", "old"))
-        assert shm.remove_leftovers(since=since) == [names["mapped"]]
+        assert [p for p in shm.remove_leftovers(since=since) if p in planted] == [names["mapped"]]
     finally:
         for p in names.values():
             p.unlink(missing_ok=True)
