@@ -11,10 +11,10 @@ from linformer_train.model.encoder import (
     apply_compile,
     count_projection_matrices,
 )
-from linformer_train.model.flops import encoder_flops, mlm_train_flops
+from linformer_train.model.flops import encoder_flops
 
 __all__ = [
     "IGNORE_INDEX", "LinformerEncoder", "LinformerForMLM", "LinformerForSequenceClassification",
     "MLMOutput", "SequenceTooLongError", "apply_activation_checkpointing", "apply_compile",
-    "count_projection_matrices", "encoder_flops", "mlm_train_flops",
+    "count_projection_matrices", "encoder_flops",
 ]

@@ -40,9 +40,3 @@ def mlm_head_flops(cfg: ModelConfig, predicted: float) -> float:
     """The LM head (dense + tied decoder) applied at ``predicted`` positions."""
     D = cfg.hidden_size
     return predicted * (2 * D * D + 2 * D * cfg.vocab_size)
-
-
-def mlm_train_flops(cfg: ModelConfig, seq_len: int, mask_prob: float) -> float:
-    """Training FLOPs per sequence: forward x 3 (backward costs two forwards); the head runs only at
-    the ~mask_prob x L predicted positions, as LinformerForMLM computes it."""
-    return 3.0 * (encoder_flops(cfg, seq_len) + mlm_head_flops(cfg, mask_prob * seq_len))
