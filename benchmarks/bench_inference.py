@@ -24,11 +24,8 @@ measures the neighbours. Outputs are checked against eager (max |diff|).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,23 +40,15 @@ BACKENDS = ("eager", "compile", "onnxruntime")
 
 
 def machine(device: str) -> dict:
-    model = "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": f"{os.cpu_count()}-core {model}", "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes")}
+    from linformer_train.profiling.machine import machine_info
+
+    info = machine_info(device)
     try:
         import onnxruntime
 
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
 
 

@@ -33,7 +33,6 @@ import ctypes
 import datetime
 import json
 import os
-import platform
 import select
 import signal
 import subprocess
@@ -256,20 +255,9 @@ def summarise(row: dict, tokens: int, clock: str) -> None:
 
 
 def machine(device: str) -> dict:
-    import torch
+    from linformer_train.profiling.machine import machine_info
 
-    model = "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": f"{os.cpu_count()}-core {model}", "python": platform.python_version(),
-            "torch": torch.__version__, "load_average_start": os.getloadavg(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
+    return {**machine_info(device), "load_average_start": os.getloadavg()}
 
 
 def run(args) -> dict:
