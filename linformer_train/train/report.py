@@ -98,21 +98,21 @@ def _stage_shape(cfg: Config) -> str:
     return f"n={m.max_seq_len}{k}, micro-batch {t.micro_batch_size} x {t.grad_accum_steps}, lr {cfg.optim.lr:g}"
 
 
-def stage_note(run_cfg: Config, index: int) -> str:
+def stage_note(run_cfg: Config, index: int, world: int) -> str:
     """`` | stage i/N (...)`` for a staged run, else nothing."""
     if not run_cfg.stages:
         return ""
-    return f" | stage {index + 1}/{len(run_cfg.stages)} ({_stage_shape(stage_config(run_cfg, index))})"
+    return f" | stage {index + 1}/{len(run_cfg.stages)} ({_stage_shape(stage_config(run_cfg, index, world))})"
 
 
-def stages_line(run_cfg: Config) -> Optional[str]:
+def stages_line(run_cfg: Config, world: int) -> Optional[str]:
     """One line with every stage's steps and shape, for a staged run."""
     if not run_cfg.stages:
         return None
     parts, first = [], 1
     for i, st in enumerate(run_cfg.stages):
         last = st.until_step or run_cfg.train.max_steps
-        parts.append(f"{i + 1}) steps {first}-{last}: {_stage_shape(stage_config(run_cfg, i))}")
+        parts.append(f"{i + 1}) steps {first}-{last}: {_stage_shape(stage_config(run_cfg, i, world))}")
         first = last + 1
     return "stages: " + "; ".join(parts)
 

@@ -192,21 +192,25 @@ class Trainer:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
 
-        for i in range(len(cfg.stages)):  # every stage's batch arithmetic, before any work
+        # batch arithmetic errors before any work: every stage's (a staged run never trains with the
+        # sections' own batch, whose accumulation a stage derives), else the run's
+        for i in range(len(cfg.stages)):
             try:
                 build_ds_config(self._stage_cfg(i), self.world_size)
             except ConfigError as exc:
                 raise ConfigError(f"stages[{i}]: {exc}") from None
-        build_ds_config(cfg, self.world_size)  # batch arithmetic errors before any work
+        if not cfg.stages:
+            build_ds_config(cfg, self.world_size)
         supported = {"fp16": accel.is_fp16_supported, "bf16": accel.is_bf16_supported}
         if cfg.precision.dtype in supported and not supported[cfg.precision.dtype]():
             raise ConfigError(f"precision.dtype={cfg.precision.dtype} is not supported on this device "
                               f"({accel.device_name()}); use bf16 or fp32")
         self.resume_path = self._check_resume_target()
-        self.stage = stage_index(cfg, self._checkpoint_step(self.resume_path)) if cfg.stages else 0
+        self.stage = stage_index(cfg, self._checkpoint_step(self.resume_path))
         self.cfg = cfg = self._stage_cfg(self.stage)
         self._say(f"run: {self.run_dir} | " + (f"resuming from {self.resume_path}" if self.resume_path
-                                              else "fresh start") + report.stage_note(self.run_cfg, self.stage))
+                                              else "fresh start")
+                  + report.stage_note(self.run_cfg, self.stage, self.world_size))
         if self.is_main:
             save_config(self.run_cfg, self.run_dir / "config.yaml")
         _set_seed(cfg.train.seed)
@@ -399,8 +403,7 @@ class Trainer:
                     # before DeepSpeed loads it: another model's tensors would fail there with a trace
                     client = read_client_state(path)
                     self._check_compatible(client.get("config"), path,
-                                           self._stage_cfg(stage_index(self.run_cfg, client.get("step", 0))
-                                                           if self.run_cfg.stages else 0))
+                                           self._stage_cfg(stage_index(self.run_cfg, client.get("step", 0))))
                     check_world_size(path, self.world_size)
             except (CheckpointError, ConfigError, UnsafeFileError) as exc:
                 mine = (type(exc).__name__, str(exc))
@@ -620,7 +623,6 @@ class Trainer:
 
     def train(self) -> int:
         """Run to train.max_steps or a stop request; returns the process exit code."""
-        cfg = self.cfg
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
             signal.signal(s, self._request_stop)
@@ -651,7 +653,7 @@ class Trainer:
         last_train = last_eval = None
         self._say(report.plan_line(cfg, start_step, self.world_size, str(self.checkpoints.root)))
         if self.run_cfg.stages:
-            self._say(report.stages_line(self.run_cfg))
+            self._say(report.stages_line(self.run_cfg, self.world_size))
         while self.step < last:
             with record_function("train.step"):  # the phases: profiling/steps.py reads them back
                 stats = self.train_step(window)

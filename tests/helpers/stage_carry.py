@@ -17,7 +17,9 @@ from linformer_train.train.trainer import Trainer  # noqa: E402
 
 def main(argv):
     args = [a for a in argv if not a.startswith("--local")]
-    files = [args.pop(1), args.pop(0)][:1] if args[:1] == ["--config"] else []
+    files = []
+    if args[:1] == ["--config"]:
+        files, args = args[1:2], args[2:]
     cfg = load_config(files, args)
     rank, _ = init_distributed()
     record = {}
